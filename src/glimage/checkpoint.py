@@ -1,0 +1,144 @@
+"""Safetensors folders in the official (transformers/diffusers) layout: strict loading and sharded saving.
+
+Models are built on the meta device and the checkpoint's tensors are read straight onto the target
+device in the target dtype, then assigned (`load_state_dict(assign=True)`): no full-size copy on the CPU
+first and no random initialisation of a 17 B-parameter model. Loading is strict: every tensor of the
+checkpoint is used, none is missing, every shape matches; the error names the offending keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors shards of one component folder (single file or sharded with an index)."""
+    folder = Path(folder)
+    for name in WEIGHT_NAMES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shards that are not there: {missing}")
+            return [folder / s for s in shards]
+        if (folder / name).is_file():
+            return [folder / name]
+    raise CheckpointError(f"no weights in {folder} (looked for {', '.join(WEIGHT_NAMES)} and their .index.json)")
+
+
+def read_state_dict(folder: str | os.PathLike, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a component folder, loaded onto `device`; floating tensors cast to `dtype`."""
+    device = torch.device(device)
+    out: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        # safetensors reads straight into the device's memory; "cpu" for meta/other devices
+        load_dev = str(device) if device.type in ("cpu", "cuda") else "cpu"
+        with safe_open(str(path), framework="pt", device=load_dev) as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                out[key] = t.to(device)
+    return out
+
+
+def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> nn.Module:
+    """Assign `state_dict` to `model` (built on meta or not); every key used, none missing, shapes equal."""
+    expected = model.state_dict(keep_vars=True)
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {_head(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s): {_head(extra)}")
+    if shapes:
+        problems.append(f"{len(shapes)} misshaped tensor(s): {_head(shapes)}")
+    if problems:
+        raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
+
+
+def _head(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | os.PathLike,
+                    name: str = "model.safetensors", max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `state_dict` as one file, or as shards plus `<name>.index.json` like transformers/diffusers."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / name), metadata={"format": "pt"})
+        return
+    stem, ext = name.rsplit(".", 1)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    write_json(folder / f"{name}.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    with torch.device("meta"):
+        return factory()
+
+
+def rename(state_dict: dict[str, torch.Tensor], fn: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state_dict.items():
+        nk = fn(k)
+        if nk in out:
+            raise CheckpointError(f"two checkpoint tensors map to the same key {nk!r}")
+        out[nk] = v
+    return out
+
+
+def param_count(params: Iterable[torch.Tensor]) -> int:
+    return sum(p.numel() for p in params)

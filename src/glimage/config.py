@@ -1,0 +1,229 @@
+"""Frozen configs for every GLM-Image component, and the named presets.
+
+Field names follow the official `config.json` files of the checkpoint folder so that reading and writing
+them is a plain field copy (see `checkpoint.py`). `PRESETS["glm-image"]` holds the official values;
+`PRESETS["tiny"]` keeps the same structure and token-id layout at toy widths (it is the configuration
+the parity tests build the reference with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """GLM-4 decoder of the AR generator (`vision_language_encoder/config.json: text_config`)."""
+
+    vocab_size: int = 168064  # 0..16511 visual ids, then GLM-4 text ids + 16512
+    vision_vocab_size: int = 16512  # lm_head width: the model only ever predicts visual ids
+    hidden_size: int = 4096
+    intermediate_size: int = 13696
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = True
+    rope_theta: float = 10000.0
+    mrope_section: tuple[int, int, int] = (8, 12, 12)
+    partial_rotary_factor: float = 0.5
+    max_position_embeddings: int = 131072
+    pad_token_id: int = 167841
+    eos_token_id: int = 16385
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"heads {self.num_attention_heads} not divisible by kv heads {self.num_key_value_heads}")
+        if 2 * sum(self.mrope_section) != self.rotary_dim:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to rotary_dim/2 = {self.rotary_dim // 2}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """ViT of the semantic-VQ image tokenizer (`vision_config`)."""
+
+    depth: int = 40
+    hidden_size: int = 1536
+    num_heads: int = 16
+    intermediate_size: int = 6144
+    patch_size: int = 16
+    image_size: int = 2048  # learned position table covers image_size/patch_size per side
+    in_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    attention_bias: bool = True
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    """Codebook of the semantic-VQ tokenizer (`vq_config`)."""
+
+    embed_dim: int = 2048
+    num_embeddings: int = 16384
+    latent_channels: int = 1536
+
+
+@dataclass(frozen=True)
+class ARConfig:
+    """The AR generator plus the prompt/grid conventions the pipeline builds around it."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    image_token_id: int = 167855  # <|image|> placeholder, replaced by a source image's VQ ids
+    image_start_token_id: int = 16384  # also the tokenizer's bos
+    image_end_token_id: int = 16385  # also eos
+    # Grid conventions (the official processor hard-codes them; small presets scale them).
+    grid_factor: int = 32  # pixels per large-grid token: 1024 px -> 32 tokens
+    preview_side: int = 16  # preview grid has ~preview_side^2 tokens whatever the aspect ratio
+    # Source-image preprocessing (`processor/preprocessor_config.json`)
+    source_min_pixels: int = 512 * 512
+    source_max_pixels: int = 2048 * 2048
+    # Target size limits (validated before any work is done)
+    min_size: int = 512
+    max_size: int = 2048
+    max_aspect_ratio: float = 4.0
+    # Sampling defaults (`generation_config.json`; transformers' implicit top_k=50 applies when unset)
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 0.75
+
+    def __post_init__(self):
+        if self.vq.num_embeddings > self.image_start_token_id:
+            raise ValueError(
+                f"codebook size {self.vq.num_embeddings} overlaps the image start id {self.image_start_token_id}")
+
+
+@dataclass(frozen=True)
+class GlyphConfig:
+    """ByT5 (T5 encoder) glyph encoder (`text_encoder/config.json`)."""
+
+    vocab_size: int = 384
+    d_model: int = 1472
+    d_kv: int = 64
+    d_ff: int = 3584
+    num_layers: int = 12
+    num_heads: int = 6
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    max_length: int = 2048  # per quoted span, like the reference's tokenizer truncation
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Single-stream DiT decoder (`transformer/config.json`)."""
+
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    num_layers: int = 30
+    attention_head_dim: int = 128
+    num_attention_heads: int = 32
+    text_embed_dim: int = 1472
+    time_embed_dim: int = 512
+    condition_dim: int = 256
+    prior_vq_quantizer_codebook_size: int = 16384
+
+    @property
+    def inner_dim(self) -> int:
+        return self.attention_head_dim * self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL (`vae/config.json`); 4 levels => 8x downsampling."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 512, 1024, 1024)
+    layers_per_block: int = 3
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = False
+    # Per-channel latent statistics. The official values live in the checkpoint's vae/config.json and are
+    # read from there; None means "identity" (mean 0, std 1) for presets built without a checkpoint.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Flow-matching schedule (`scheduler/scheduler_config.json`)."""
+
+    num_train_timesteps: int = 1000
+    base_image_seq_len: int = 256
+    base_shift: float = 0.25
+    max_shift: float = 0.75
+    time_shift_type: str = "linear"  # or "exponential"; official value unconfirmed, so both are supported
+
+    def __post_init__(self):
+        if self.time_shift_type not in ("linear", "exponential"):
+            raise ValueError(f"time_shift_type must be 'linear' or 'exponential', got {self.time_shift_type!r}")
+
+
+@dataclass(frozen=True)
+class GlmImageConfig:
+    ar: ARConfig = field(default_factory=ARConfig)
+    glyph: GlyphConfig = field(default_factory=GlyphConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+TINY = GlmImageConfig(
+    ar=ARConfig(
+        text=TextConfig(vision_vocab_size=16384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, mrope_section=(2, 3, 3),
+                        max_position_embeddings=4096),
+        vision=VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, image_size=64),
+        vq=VQConfig(embed_dim=32, latent_channels=32),
+        source_min_pixels=32 * 32, source_max_pixels=128 * 128, min_size=32, max_size=256,
+    ),
+    glyph=GlyphConfig(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+    dit=DiTConfig(in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                  text_embed_dim=32, time_embed_dim=16, condition_dim=8),
+    vae=VAEConfig(latent_channels=4, block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4,
+                  latents_mean=(0.1, -0.2, 0.3, -0.4), latents_std=(1.5, 2.0, 2.5, 3.0)),
+)
+
+PRESETS: dict[str, GlmImageConfig] = {
+    "glm-image": GlmImageConfig(),
+    "tiny": TINY,
+}
+
+
+def get_preset(name: str) -> GlmImageConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace that also reaches into nested configs: replace(cfg, **{"ar.text.hidden_size": 8})."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **flat)
