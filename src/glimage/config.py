@@ -89,14 +89,20 @@ class ARConfig:
     # Source-image preprocessing (`processor/preprocessor_config.json`)
     source_min_pixels: int = 512 * 512
     source_max_pixels: int = 2048 * 2048
-    # Target size limits (validated before any work is done)
-    min_size: int = 512
-    max_size: int = 2048
+    # Target size limits, validated before any work is done. None derives them from the vision encoder's
+    # position table, which covers vision.image_size px: officially [512, 2048], the range Zhipu supports.
+    min_size: int | None = None
+    max_size: int | None = None
     max_aspect_ratio: float = 4.0
     # Sampling defaults (`generation_config.json`; transformers' implicit top_k=50 applies when unset)
     temperature: float = 0.9
     top_k: int = 50
     top_p: float = 0.75
+
+    @property
+    def size_range(self) -> tuple[int, int]:
+        lo = self.min_size if self.min_size is not None else max(self.grid_factor, self.vision.image_size // 4)
+        return lo, self.max_size if self.max_size is not None else self.vision.image_size
 
     def __post_init__(self):
         if self.vq.num_embeddings > self.image_start_token_id:
@@ -191,9 +197,9 @@ TINY = GlmImageConfig(
         text=TextConfig(vision_vocab_size=16384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=1, mrope_section=(2, 3, 3),
                         max_position_embeddings=4096),
-        vision=VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, image_size=64),
+        vision=VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, image_size=256),
         vq=VQConfig(embed_dim=32, latent_channels=32),
-        source_min_pixels=32 * 32, source_max_pixels=128 * 128, min_size=32, max_size=256,
+        source_min_pixels=32 * 32, source_max_pixels=128 * 128,
     ),
     glyph=GlyphConfig(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
     dit=DiTConfig(in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,

@@ -1,0 +1,134 @@
+"""Text side of the AR generator: the GLM tokenizer, size rules, and the official prompt layout.
+
+Text-to-image:  {prompt}<sop>{H/f} {W/f}<eop><sop>{ph} {pw}<eop><|dit_token_16384|>
+Image-to-image: <|dit_token_16384|><|image|>*n<|dit_token_16385|> ... {prompt}<sop>{H/f} {W/f}<eop><|dit_token_16384|>
+(f = grid factor, 32 officially). The source spans come first, as the official chat template puts image
+items before the text item. Batches are left-padded with the pad token, like the reference processor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from .checkpoint import read_json
+from .config import ARConfig
+from .positions import decode_positions, prompt_positions
+
+
+def target_grids(height: int, width: int, cfg: ARConfig) -> tuple[int, int, int, int]:
+    """(th, tw) of the large grid and (ph, pw) of the preview grid (~preview_side^2 tokens)."""
+    f = cfg.grid_factor
+    th, tw = height // f, width // f
+    r = th / tw
+    return th, tw, int(math.sqrt(r) * cfg.preview_side), int(math.sqrt(1 / r) * cfg.preview_side)
+
+
+def check_size(height: int, width: int, cfg: ARConfig) -> None:
+    f = cfg.grid_factor
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{name} must be an int, got {v!r}")
+        if v % f:
+            raise ValueError(f"{name}={v} must be a multiple of {f} (e.g. {max(f, round(v / f) * f)})")
+        lo, hi = cfg.size_range
+        if not lo <= v <= hi:
+            raise ValueError(f"{name}={v} is outside the supported range [{lo}, {hi}]")
+    ratio = max(height, width) / min(height, width)
+    if ratio > cfg.max_aspect_ratio:
+        raise ValueError(f"aspect ratio {height}x{width} = {ratio:.2f} exceeds the maximum {cfg.max_aspect_ratio:g}")
+
+
+class GlmTokenizer:
+    """The GLM-4 byte-level BPE of `processor/tokenizer.json`, with the special tokens GLM-Image uses."""
+
+    def __init__(self, tokenizer: Tokenizer, special: dict[str, str]):
+        self.tk = tokenizer
+        self.special = special
+        ids = {k: tokenizer.token_to_id(v) for k, v in special.items()}
+        missing = [special[k] for k, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}")
+        self.image_start_id, self.image_end_id = ids["bos_token"], ids["eos_token"]
+        self.image_id, self.pad_id = ids["image_token"], ids["pad_token"]
+        self.grid_bos_id, self.grid_eos_id = ids["grid_bos_token"], ids["grid_eos_token"]
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> "GlmTokenizer":
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {folder}")
+        special = {"bos_token": "<|dit_token_16384|>", "eos_token": "<|dit_token_16385|>", "pad_token": "<|endoftext|>",
+                   "image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"}
+        if (folder / "tokenizer_config.json").is_file():
+            conf = read_json(folder / "tokenizer_config.json")
+            for k in special:
+                v = conf.get(k)
+                special[k] = v["content"] if isinstance(v, dict) else (v or special[k])
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), special)
+
+    def encode(self, text: str) -> list[int]:
+        # tokenizer.json's own post-processor applies, as in the reference's fast tokenizer
+        return self.tk.encode(text).ids
+
+
+@dataclass
+class PromptBatch:
+    input_ids: torch.Tensor  # (B, L) left-padded
+    attention_mask: torch.Tensor  # (B, L) 1 = real token
+    position_ids: torch.Tensor  # (3, B, L); pads get position 1 like the reference (they are never attended)
+    decode_position_ids: torch.Tensor  # (B, 3, n_new)
+    grids: list[tuple[int, int]]  # grids to generate, in generation order
+    large_grid: tuple[int, int]
+    large_offset: int  # index of the large grid's first token among the generated ones
+
+
+def layout_text(prompt: str, n_images: int, th: int, tw: int, ph: int, pw: int, tok: GlmTokenizer) -> str:
+    s = tok.special
+    images = f"{s['bos_token']}{s['image_token']}{s['eos_token']}" * n_images
+    grids = f"{s['grid_bos_token']}{th} {tw}{s['grid_eos_token']}"
+    if n_images == 0:
+        grids += f"{s['grid_bos_token']}{ph} {pw}{s['grid_eos_token']}"
+    return f"{images}{prompt}{grids}{s['bos_token']}"
+
+
+def build_prompts(prompts: list[str], height: int, width: int, tok: GlmTokenizer, cfg: ARConfig,
+                  source_grids: list[list[tuple[int, int]]] | None = None) -> PromptBatch:
+    """Token ids and MRoPE positions for a batch; source_grids[b] = VQ grid sizes of sample b's images."""
+    source_grids = source_grids or [[] for _ in prompts]
+    if len({len(g) for g in source_grids}) > 1:
+        raise ValueError(f"every prompt needs the same number of source images, got {[len(g) for g in source_grids]}")
+    th, tw, ph, pw = target_grids(height, width, cfg)
+    t2i = len(source_grids[0]) == 0
+    grids = [(ph, pw), (th, tw)] if t2i else [(th, tw)]
+    rows, positions, decodes = [], [], []
+    for prompt, sg in zip(prompts, source_grids):
+        # expand each <|image|> to its grid's token count (placeholders, replaced by VQ ids later)
+        expanded, k = [], 0
+        for t in tok.encode(layout_text(prompt, len(sg), th, tw, ph, pw, tok)):
+            if t == tok.image_id:
+                gh, gw = sg[k]
+                expanded += [tok.image_id] * (gh * gw)
+                k += 1
+            else:
+                expanded.append(t)
+        pos, nxt = prompt_positions(expanded, sg, tok.image_start_id, tok.image_end_id)
+        rows.append(expanded)
+        positions.append(pos)
+        decodes.append(decode_positions(nxt, grids))
+    L = max(len(r) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, L), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    position_ids = torch.ones((3, B, L), dtype=torch.long)
+    for b, (r, p) in enumerate(zip(rows, positions)):
+        input_ids[b, L - len(r):] = torch.tensor(r)
+        mask[b, L - len(r):] = 1
+        position_ids[:, b, L - len(r):] = p
+    return PromptBatch(input_ids, mask, position_ids, torch.stack(decodes), grids, (th, tw),
+                       ph * pw if t2i else 0)
