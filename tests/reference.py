@@ -26,8 +26,6 @@ CHAT_TEMPLATE = (
     "<|dit_token_16384|><|image|><|dit_token_16385|>\n{%- elif item.type == 'text' -%}\n{{ item.text }}\n"
     "{%- endif -%}\n{%- endfor -%}\n{%- endif -%}\n{%- endfor -%}"
 )
-SPECIALS = {"<|dit_token_16384|>": 16384, "<|dit_token_16385|>": 16385, "<|endoftext|>": 167841,
-            "<sop>": 167845, "<eop>": 167846, "<|image|>": 167855}
 
 
 def reference_configs(cfg: GlmImageConfig) -> dict:
@@ -74,19 +72,12 @@ def reference_configs(cfg: GlmImageConfig) -> dict:
 
 
 def build_glm_tokenizer():
-    """Byte-level BPE without merges: text bytes -> ids 16512+byte_rank; special tokens at real ids."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    """glimage's byte-level tokenizer (specials at their real ids) wrapped as the reference expects."""
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: 16512 + i for i, ch in enumerate(alphabet)}
-    vocab.update(SPECIALS)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    from glimage.prompt import build_byte_tokenizer
     return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<|dit_token_16384|>", eos_token="<|dit_token_16385|>",
+        tokenizer_object=build_byte_tokenizer(), bos_token="<|dit_token_16384|>", eos_token="<|dit_token_16385|>",
         pad_token="<|endoftext|>", padding_side="left",
         extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"},
     )

@@ -44,6 +44,30 @@ def check_size(height: int, width: int, cfg: ARConfig) -> None:
         raise ValueError(f"aspect ratio {height}x{width} = {ratio:.2f} exceeds the maximum {cfg.max_aspect_ratio:g}")
 
 
+SPECIAL_TOKENS = {"<|dit_token_16384|>": 16384, "<|dit_token_16385|>": 16385, "<|endoftext|>": 167841,
+                  "<sop>": 167845, "<eop>": 167846, "<|image|>": 167855}
+SPECIAL_ROLES = {"bos_token": "<|dit_token_16384|>", "eos_token": "<|dit_token_16385|>", "pad_token": "<|endoftext|>",
+                 "image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"}
+
+
+def build_byte_tokenizer() -> Tokenizer:
+    """A byte-level tokenizer with GLM-Image's special tokens at their real ids (text bytes -> 16512 + rank).
+
+    For models trained here (and tests): the GLM-4 vocabulary is not needed to describe synthetic scenes,
+    and the id layout (visual ids below 16512, text above) stays the official one.
+    """
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: 16512 + i for i, ch in enumerate(alphabet)}
+    vocab.update(SPECIAL_TOKENS)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    return tk
+
+
 class GlmTokenizer:
     """The GLM-4 byte-level BPE of `processor/tokenizer.json`, with the special tokens GLM-Image uses."""
 
@@ -63,14 +87,25 @@ class GlmTokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {folder}")
-        special = {"bos_token": "<|dit_token_16384|>", "eos_token": "<|dit_token_16385|>", "pad_token": "<|endoftext|>",
-                   "image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"}
+        special = dict(SPECIAL_ROLES)
         if (folder / "tokenizer_config.json").is_file():
             conf = read_json(folder / "tokenizer_config.json")
             for k in special:
                 v = conf.get(k)
                 special[k] = v["content"] if isinstance(v, dict) else (v or special[k])
         return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), special)
+
+    @classmethod
+    def byte_level(cls) -> "GlmTokenizer":
+        return cls(build_byte_tokenizer(), dict(SPECIAL_ROLES))
+
+    def save(self, folder: str | os.PathLike) -> None:
+        from .checkpoint import write_json
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.tk.save(str(Path(folder) / "tokenizer.json"))
+        write_json(Path(folder) / "tokenizer_config.json", dict(self.special, padding_side="left",
+                                                                 tokenizer_class="TokenizersBackend",
+                                                                 processor_class="GlmImageProcessor"))
 
     def encode(self, text: str) -> list[int]:
         # tokenizer.json's own post-processor applies, as in the reference's fast tokenizer
