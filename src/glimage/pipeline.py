@@ -1,26 +1,53 @@
-"""`GlmImagePipeline`: the official checkpoint folder -> images, with diffusers' argument names."""
+"""`GlmImagePipeline`: the official checkpoint folder -> images, with diffusers' argument names.
+
+Stages: AR prior tokens (prior.py) -> glyph embeddings of the quoted text (glyph_text.py) -> reference-image
+K/V for image-to-image -> flow-matching Euler loop with classifier-free guidance (flow.py) -> VAE decode.
+Numerics follow the reference pipeline (diffusers 0.42.1) step for step so that the same weights and seed
+give the same image; see glm-image-reference notes in the functions below for the few deliberate changes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
-from .config import ARConfig
-from .convert.ar import load_ar
+from .checkpoint import read_json, write_json
+from .config import GlmImageConfig, SchedulerConfig, get_preset
+from .convert.ar import load_ar, save_ar
+from .convert.dit import load_dit, save_dit
+from .convert.glyph import load_glyph_encoder, save_glyph_encoder
+from .convert.vae import load_vae, save_vae
 from .device import manual_generator, resolve_device, resolve_dtype
+from .flow import cfg_combine, euler_step, get_schedule
+from .glyph_text import encode_glyphs
+from .image import load_image
 from .models.ar import GlmImageAR
-from .prior import normalize_images, run_prior
+from .models.dit import GlmImageDiT, RefKV
+from .models.glyph import GlyphEncoder
+from .models.vae import AutoencoderKL
+from .prior import Prior, normalize_images, run_prior
 from .prompt import GlmTokenizer
+
+COMPONENTS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+
+
+@dataclass
+class GlmImageOutput:
+    images: list  # PIL images, or a float array (B, H, W, 3) in [0, 1] with output_type="np"
+    prior_token_ids: torch.Tensor | None = None
 
 
 def seed_generator(generator, seed, device: torch.device) -> torch.Generator:
     """The AR sampler's generator. Like the reference, a given torch.Generator contributes its *initial*
     seed (the reference re-seeds the global RNG with it); we seed a private generator instead of the
     global one, which draws the same numbers."""
-    if generator is not None and seed is not None:
-        raise ValueError("give either generator or seed, not both")
     if isinstance(generator, (list, tuple)):
         generator = generator[0]
     if generator is not None:
@@ -30,36 +57,243 @@ def seed_generator(generator, seed, device: torch.device) -> torch.Generator:
     return manual_generator(device, seed)
 
 
+def scheduler_from_official(d: dict) -> SchedulerConfig:
+    kind = d.get("time_shift_type", "exponential")  # diffusers' default when the key is absent
+    if not d.get("use_dynamic_shifting", True):
+        raise ValueError("scheduler_config.json has use_dynamic_shifting=false; GLM-Image needs the dynamic shift")
+    return SchedulerConfig(num_train_timesteps=d.get("num_train_timesteps", 1000),
+                           base_image_seq_len=d.get("base_image_seq_len", 256), base_shift=d.get("base_shift", 0.25),
+                           max_shift=d.get("max_shift", 0.75), time_shift_type=kind)
+
+
+def scheduler_to_official(cfg: SchedulerConfig) -> dict:
+    return dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=cfg.num_train_timesteps,
+                use_dynamic_shifting=True, time_shift_type=cfg.time_shift_type,
+                base_image_seq_len=cfg.base_image_seq_len, base_shift=cfg.base_shift, max_shift=cfg.max_shift,
+                max_image_seq_len=4096, shift=1.0)
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """VAE output (B, 3, H, W) in [-1, 1] -> PIL, as diffusers' VaeImageProcessor.postprocess."""
+    arr = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return [Image.fromarray(a) for a in (arr * 255).round().astype("uint8")]
+
+
+def vae_input(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """A source image for the VAE: Lanczos resize, [-1, 1], (1, 3, H, W) — diffusers' VaeImageProcessor."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    arr = np.array(image).astype(np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1
+
+
 class GlmImagePipeline:
-    def __init__(self, ar: GlmImageAR, tokenizer: GlmTokenizer, device: torch.device):
-        self.ar = ar
-        self.tokenizer = tokenizer
-        self.device = device
+    def __init__(self, ar: GlmImageAR, tokenizer: GlmTokenizer, glyph_encoder: GlyphEncoder, dit: GlmImageDiT,
+                 vae: AutoencoderKL, scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype):
+        self.ar, self.tokenizer, self.glyph_encoder, self.dit, self.vae = ar, tokenizer, glyph_encoder, dit, vae
+        self.scheduler = scheduler
+        self.device, self.dtype = device, dtype
         self.progress = True
+        self.offload = False  # components live on the CPU and visit the accelerator only while they run
+
+    # -- construction
 
     @property
-    def ar_config(self) -> ARConfig:
-        return self.ar.cfg
+    def config(self) -> GlmImageConfig:
+        return GlmImageConfig(ar=self.ar.cfg, glyph=self.glyph_encoder.cfg, dit=self.dit.cfg, vae=self.vae.cfg,
+                              scheduler=self.scheduler)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None) -> "GlmImagePipeline":
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None,
+                        offload: bool = False) -> "GlmImagePipeline":
+        """Read an official GLM-Image folder. offload=True keeps the weights in CPU memory and moves each
+        component to the accelerator only while it runs (the 10 B AR and 7 B DiT are never resident together)."""
         path = Path(path)
         if not (path / "vision_language_encoder").is_dir():
             raise FileNotFoundError(f"{path} is not a GLM-Image folder (no vision_language_encoder/)")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        ar = load_ar(path, device, dtype)
-        return cls(ar, GlmTokenizer.from_folder(path / "processor"), device)
+        load_to = torch.device("cpu") if offload else device
+        pipe = cls(load_ar(path, load_to, dtype), GlmTokenizer.from_folder(path / "processor"),
+                   load_glyph_encoder(path / "text_encoder", load_to, dtype), load_dit(path / "transformer", load_to, dtype),
+                   load_vae(path / "vae", load_to, dtype),
+                   scheduler_from_official(read_json(path / "scheduler" / "scheduler_config.json")), device, dtype)
+        pipe.offload = offload
+        return pipe
+
+    @classmethod
+    def from_config(cls, cfg: GlmImageConfig | str, seed: int = 0, device=None, dtype=None) -> "GlmImagePipeline":
+        """Any preset with random weights (tests, benchmarks, training from scratch); byte-level tokenizer."""
+        cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            mods = [GlmImageAR(cfg.ar), GlyphEncoder(cfg.glyph), GlmImageDiT(cfg.dit), AutoencoderKL(cfg.vae)]
+        ar, glyph, dit, vae = (m.to(dtype).eval() for m in mods)
+        return cls(ar, GlmTokenizer.byte_level(), glyph, dit, vae, cfg.scheduler, device, dtype)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the official layout (loads in diffusers' GlmImagePipeline and in ours)."""
+        path = Path(path)
+        save_ar(self.ar, path)
+        self.tokenizer.save(path / "processor")
+        (path / "processor" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        save_glyph_encoder(self.glyph_encoder, path / "text_encoder")
+        write_json(path / "tokenizer" / "tokenizer_config.json", {"tokenizer_class": "ByT5Tokenizer",
+                                                                  "extra_ids": 0})
+        save_dit(self.dit, path / "transformer")
+        save_vae(self.vae, path / "vae")
+        write_json(path / "scheduler" / "scheduler_config.json", scheduler_to_official(self.scheduler))
+        write_json(path / "model_index.json", {
+            "_class_name": "GlmImagePipeline", "_diffusers_version": "0.42.1",
+            "processor": ["transformers", "GlmImageProcessor"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "ByT5Tokenizer"],
+            "transformer": ["diffusers", "GlmImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "vision_language_encoder": ["transformers", "GlmImageForConditionalGeneration"]})
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
+
+    def enable_model_cpu_offload(self) -> None:
+        for m in (self.ar, self.glyph_encoder, self.dit, self.vae):
+            m.to("cpu")
+        self.offload = True
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module):
+        if not self.offload or self.device.type == "cpu":
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            from .device import empty_cache
+            empty_cache(self.device)
+
+    # -- stages
+
+    def _default_size(self, images) -> tuple[int, int]:
+        lo, hi = self.ar.cfg.size_range
+        f = self.ar.cfg.grid_factor
+        if images:
+            w, h = load_image(images[0][0]).size
+            return (min(max(h // f * f, lo), hi), min(max(w // f * f, lo), hi))
+        side = min(max(1024, lo), hi)
+        return side, side
 
     @torch.no_grad()
     def generate_prior_tokens(self, prompt: str | list[str], height: int, width: int, image=None,
                               generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
         """The large grid's ids, upsampled x2 (one per DiT patch): (B, 4 * H/32 * W/32)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        g = seed_generator(generator, seed, self.device)
-        prior = run_prior(self.ar, self.tokenizer, prompts, height, width, normalize_images(image, len(prompts)), g,
-                          self.progress)
-        return prior.ids
+        return self._prior(prompts, height, width, normalize_images(image, len(prompts)), generator, seed).ids
+
+    def _prior(self, prompts, height, width, images, generator, seed) -> Prior:
+        with self._on_device(self.ar) as ar:
+            g = seed_generator(generator, seed, self.device)
+            return run_prior(ar, self.tokenizer, prompts, height, width, images, g, self.progress)
+
+    def _reference_kv(self, images: list[list], prior: Prior, n_per_prompt: int) -> RefKV:
+        """Per sample: VAE-encode each source image, one DiT "write" pass at timestep 0 -> K/V of its tokens."""
+        samples = []
+        with self._on_device(self.vae) as vae, self._on_device(self.dit) as dit:
+            for row, ids_row, grids in zip(images, prior.source_ids, prior.source_grids):
+                parts = []
+                for im, ids, (gh, gw) in zip(row, ids_row, grids):
+                    im = load_image(im)
+                    # The VAE grid must equal the VQ grid x2. The reference uses the image's own size floored
+                    # to 16 px, which only agrees for sides that are multiples of 32 in the supported range
+                    # (else it crashes); we resize to the VQ grid's size, identical wherever the reference works.
+                    px = 2 * self.dit.cfg.patch_size * vae.cfg.downsample  # pixels per VQ cell
+                    h, w = gh * px, gw * px
+                    x = vae_input(im, h, w).to(self.device, self.dtype)
+                    z = vae.normalize_latents(vae.encode(x).mode())
+                    size = torch.tensor([[h, w]], device=self.device, dtype=self.dtype)
+                    parts.append(dit.encode_reference(z, ids[None].to(self.device), size,
+                                                      torch.zeros(1, 2, device=self.device, dtype=self.dtype)))
+                samples.append(RefKV.concat(parts))
+        kv = RefKV.stack(samples)
+        return kv.for_batch(kv.batch_size * n_per_prompt)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], image=None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 1.5, generator=None, seed: int | None = None,
+                 num_images_per_prompt: int = 1, latents: torch.Tensor | None = None, output_type: str = "pil",
+                 callback_on_step_end=None) -> GlmImageOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("give either generator or seed, not both")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+        if not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0 (1.5 is the default; <= 1 disables CFG)")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type={output_type!r} must be one of 'pil', 'np', 'latent'")
+        images = normalize_images(image, len(prompts))
+        if images:
+            images = [[load_image(im) for im in row] for row in images]  # fail early on unreadable files
+        if height is None or width is None:
+            dh, dw = self._default_size(images)
+            height, width = height or dh, width or dw
+        get_schedule(num_inference_steps, height, width, self.scheduler)  # validates before the AR runs
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**62))
+
+        prior = self._prior(prompts, height, width, images, generator, None)
+        B = len(prompts) * num_images_per_prompt
+        do_cfg = guidance_scale > 1  # like the reference: g <= 1 runs the conditional branch alone
+        with self._on_device(self.glyph_encoder) as enc:
+            glyph = encode_glyphs(enc, prompts, self.device, self.dtype).repeat_interleave(num_images_per_prompt, 0)
+            neg = encode_glyphs(enc, [""] * B, self.device, self.dtype) if do_cfg else None
+        kv = self._reference_kv(images, prior, num_images_per_prompt) if images else None
+
+        ds = 2 ** (len(self.vae.cfg.block_out_channels) - 1)
+        shape = (B, self.dit.cfg.in_channels, height // ds, width // ds)
+        if latents is None:
+            # diffusers' randn_tensor: drawn on the generator's device, then moved
+            latents = torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(self.device)
+        timesteps, sigmas = get_schedule(num_inference_steps, height, width, self.scheduler, ds,
+                                         self.dit.cfg.patch_size)
+        prior_ids = prior.ids.repeat_interleave(num_images_per_prompt, 0).to(self.device)
+        keep, drop = torch.zeros_like(prior_ids, dtype=torch.bool), torch.ones_like(prior_ids, dtype=torch.bool)
+        size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(B, 1)
+        crop = torch.zeros(B, 2, dtype=self.dtype, device=self.device)
+
+        with self._on_device(self.dit) as dit:
+            for i in tqdm(range(num_inference_steps), desc="denoising", disable=not self.progress, leave=False):
+                t = timesteps[i].to(self.device).expand(B)
+                x = latents.to(self.dtype)
+                v = dit(x, glyph, prior_ids, keep, t, size, crop, kv=kv).float()
+                if do_cfg:
+                    v = cfg_combine(dit(x, neg, prior_ids, drop, t, size, crop).float(), v, guidance_scale)
+                latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+                if callback_on_step_end is not None:
+                    out = callback_on_step_end(self, i, sigmas[i], {"latents": latents}) or {}
+                    latents = out.get("latents", latents)
+
+        if output_type == "latent":
+            return GlmImageOutput(latents, prior.ids)
+        with self._on_device(self.vae) as vae:
+            pixels = vae.decode(vae.denormalize_latents(latents.to(self.dtype)))
+        if output_type == "np":
+            return GlmImageOutput((pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy(), prior.ids)
+        return GlmImageOutput(to_pil(pixels), prior.ids)
+
+
+# Official processor/chat_template.jinja of zai-org/GLM-Image (image items become the image span placeholders).
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}\n{%- if m.content is string -%}\n{{ m.content }}\n{%- else -%}\n"
+    "{%- for item in m.content -%}\n{%- if item.type == 'image' or item.get('image') is not none -%}\n"
+    "<|dit_token_16384|><|image|><|dit_token_16385|>\n{%- elif item.type == 'text' -%}\n{{ item.text }}\n"
+    "{%- endif -%}\n{%- endfor -%}\n{%- endif -%}\n{%- endfor -%}"
+)
