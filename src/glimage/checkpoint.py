@@ -73,6 +73,17 @@ def read_state_dict(folder: str | os.PathLike, device: torch.device | str = "cpu
     return out
 
 
+def tensor_headers(folder: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of every tensor in a component folder, read from the headers only."""
+    out = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                out[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    return out
+
+
 def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> nn.Module:
     """Assign `state_dict` to `model` (built on meta or not); every key used, none missing, shapes equal."""
     expected = model.state_dict(keep_vars=True)

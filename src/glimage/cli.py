@@ -1,0 +1,112 @@
+"""`glimage` command line: generate, info. Thin: every subcommand maps onto the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _generate(args) -> int:
+    from .pipeline import GlmImagePipeline
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"output {str(out)!r} must end in .png, .jpg, .jpeg or .webp")
+    if args.model is None:
+        raise ValueError("no model given: pass --model PATH (an official GLM-Image folder)")
+    t0 = time.perf_counter()
+    pipe = GlmImagePipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    t1 = time.perf_counter()
+    result = pipe(args.prompt, image=args.image or None, height=args.height, width=args.width,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                  num_images_per_prompt=args.num_images)
+    t2 = time.perf_counter()
+    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                                   for i in range(len(result.images))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for img, path in zip(result.images, paths):
+        # write to a temporary file then rename: an interrupted run never leaves a partial image
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
+        os.close(fd)
+        try:
+            img.save(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        print(path)
+    if not args.quiet:
+        print(f"load {t1 - t0:.2f}s, generate {t2 - t1:.2f}s on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')})",
+              file=sys.stderr)
+    return 0
+
+
+def _info(args) -> int:
+    from .checkpoint import tensor_headers
+    from .convert.ar import read_ar_config
+
+    root = Path(args.path)
+    if not (root / "vision_language_encoder").is_dir():
+        raise ValueError(f"{root} is not a GLM-Image folder (no vision_language_encoder/)")
+    cfg = read_ar_config(root)
+    print(f"{root}")
+    print(f"  AR: {cfg.text.num_hidden_layers} layers x {cfg.text.hidden_size}, visual head {cfg.text.vision_vocab_size}, "
+          f"ViT {cfg.vision.depth} x {cfg.vision.hidden_size}, codebook {cfg.vq.num_embeddings}; "
+          f"sizes {cfg.size_range[0]}-{cfg.size_range[1]} px in steps of {cfg.grid_factor}")
+    total = 0
+    for comp in ("vision_language_encoder", "text_encoder", "transformer", "vae"):
+        if not (root / comp).is_dir():
+            print(f"  {comp:24s} missing")
+            continue
+        heads = tensor_headers(root / comp)  # shapes and dtypes only: nothing is loaded
+        n = sum(math.prod(shape) for shape, _ in heads.values())
+        dtypes = sorted({dtype for _, dtype in heads.values()})
+        total += n
+        print(f"  {comp:24s} {n / 1e9:8.3f} B params  {len(heads):5d} tensors  {','.join(dtypes)}")
+    print(f"  {'total':24s} {total / 1e9:8.3f} B params")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glimage", description="GLM-Image in plain PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text-to-image or image-to-image")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="GLM-Image folder (official layout)")
+    g.add_argument("-o", "--output", default="out.png")
+    g.add_argument("--image", action="append", help="source image for editing (repeat for several)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=1.5)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--device", default=None, help="cpu, cuda, npu, mps (default: best available)")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU/NPU, fp32 on CPU)")
+    g.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each stage to the GPU")
+    g.add_argument("-q", "--quiet", action="store_true")
+    g.set_defaults(fn=_generate)
+    i = sub.add_parser("info", help="components, parameter counts and dtypes of a model folder")
+    i.add_argument("path")
+    i.set_defaults(fn=_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"glimage {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
