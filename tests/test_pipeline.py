@@ -40,3 +40,18 @@ def test_i2i_image_matches_reference(ref_pipe, ours, n_src):
     ref, got = _ref(ref_pipe, **kw), _ours(ours, **kw)
     assert got.shape == ref.shape == (1, 64, 64, 3)
     assert np.abs(got - ref).max() <= 1 / 255
+
+
+def test_save_pretrained_round_trip_loads_in_reference(ref_pipe, ours, tmp_path):
+    """Our save_pretrained writes the official layout: the reference loads it and draws the same image."""
+    from diffusers import GlmImagePipeline as RefPipeline
+    from reference import patch_i2i_version_skew
+    ours.save_pretrained(tmp_path)
+    ref2 = RefPipeline.from_pretrained(tmp_path)
+    ref2.set_progress_bar_config(disable=True)
+    patch_i2i_version_skew(ref2.vision_language_encoder)
+    again = GlmImagePipeline.from_pretrained(tmp_path, device="cpu", dtype=torch.float32)
+    again.set_progress_bar_config(disable=True)
+    ref_img, got = _ref(ref2, **T2I), _ours(again, **T2I)
+    assert np.abs(got - ref_img).max() <= 1 / 255
+    assert np.abs(got - _ref(ref_pipe, **T2I)).max() <= 1 / 255

@@ -18,9 +18,13 @@ def _generate(args) -> int:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"output {str(out)!r} must end in .png, .jpg, .jpeg or .webp")
     if args.model is None:
-        raise ValueError("no model given: pass --model PATH (an official GLM-Image folder)")
+        raise ValueError("no model given: pass --model PATH (an official GLM-Image folder) or --model random:PRESET")
     t0 = time.perf_counter()
-    pipe = GlmImagePipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
+    if args.model.startswith("random:"):  # any preset with random weights: smoke tests and benchmarks
+        pipe = GlmImagePipeline.from_config(args.model[len("random:"):], seed=0, device=args.device, dtype=args.dtype)
+    else:
+        pipe = GlmImagePipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                                offload=args.offload)
     pipe.set_progress_bar_config(disable=args.quiet)
     t1 = time.perf_counter()
     result = pipe(args.prompt, image=args.image or None, height=args.height, width=args.width,
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text-to-image or image-to-image")
     g.add_argument("prompt")
-    g.add_argument("--model", default=None, help="GLM-Image folder (official layout)")
+    g.add_argument("--model", default=None, help="GLM-Image folder (official layout), or random:PRESET (e.g. random:tiny)")
     g.add_argument("-o", "--output", default="out.png")
     g.add_argument("--image", action="append", help="source image for editing (repeat for several)")
     g.add_argument("--height", type=int, default=None)

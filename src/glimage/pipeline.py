@@ -140,8 +140,10 @@ class GlmImagePipeline:
         self.tokenizer.save(path / "processor")
         (path / "processor" / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         save_glyph_encoder(self.glyph_encoder, path / "text_encoder")
-        write_json(path / "tokenizer" / "tokenizer_config.json", {"tokenizer_class": "ByT5Tokenizer",
-                                                                  "extra_ids": 0})
+        # ByT5 needs no vocabulary file: bytes + 3, 125 sentinel ids (vocab 384)
+        write_json(path / "tokenizer" / "tokenizer_config.json", {
+            "tokenizer_class": "ByT5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+            "extra_ids": 125})
         save_dit(self.dit, path / "transformer")
         save_vae(self.vae, path / "vae")
         write_json(path / "scheduler" / "scheduler_config.json", scheduler_to_official(self.scheduler))

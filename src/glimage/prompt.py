@@ -157,6 +157,11 @@ def build_prompts(prompts: list[str], height: int, width: int, tok: GlmTokenizer
         positions.append(pos)
         decodes.append(decode_positions(nxt, grids))
     L = max(len(r) for r in rows)
+    n_new = sum(h * w for h, w in grids) + 1
+    limit = cfg.text.max_position_embeddings
+    if L + n_new > limit:
+        raise ValueError(f"prompt is {L} tokens long; with the {n_new} image tokens to generate that exceeds the "
+                         f"model's context of {limit} tokens (at most {limit - n_new} prompt tokens at {height}x{width})")
     B = len(rows)
     input_ids = torch.full((B, L), tok.pad_id, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.long)

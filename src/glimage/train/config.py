@@ -1,0 +1,133 @@
+"""Training run configuration: one frozen dataclass, read from TOML/YAML or a shipped recipe, with overrides.
+
+`glimage train CONFIG [--set key=value ...]`: CONFIG is a file path or the name of a recipe in
+`glimage/train/recipes/` (e.g. `tiny-ar`). `--set` values are parsed as TOML scalars/arrays
+(`--set lr=3e-4 --set model.ar.text.num_hidden_layers=4 --set activation_checkpointing=true`).
+Keys starting with `model.` override fields of the model preset (see `glimage.config.replace`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+RECIPES = Path(__file__).parent / "recipes"
+STAGES = ("vae", "tokenizer", "ar", "decoder")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str  # vae | tokenizer | ar | decoder
+    preset: str = "tiny"  # model architecture, a name in glimage.config.PRESETS
+    model: dict = field(default_factory=dict)  # dotted overrides of the preset ("ar.text.num_hidden_layers": 4)
+    base: str = ""  # GLM-Image folder giving initial weights of the trained part and the frozen parts; "" = random
+    out: str = "runs/default"
+    steps: int = 100  # optimizer steps
+    seed: int = 0
+    # optimisation
+    batch_size: int = 16  # global batch: all ranks and accumulation steps together
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine floor
+    warmup: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    ema: float = 0.0  # EMA decay of the weights (decoder); 0 disables
+    # systems
+    dtype: str = "float32"  # parameter/compute dtype under FSDP2 mixed precision (bfloat16 on accelerators)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: str = ""  # "" = best available
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    sample_every: int = 0  # write sample images every N steps (image stages); 0 = only at the end
+    tensorboard: bool = True
+    # data
+    data: str = ""  # image folder with metadata.jsonl, or a directory/glob of .tar shards; "" = a generated shapes set
+    data_n: int = 2000  # size of the generated shapes set
+    image_size: int = 128  # training resolution (bucket area when buckets = true)
+    buckets: bool = False  # aspect-ratio buckets at multiples of 32
+    cache: bool = False  # pre-tokenise with the frozen encoders once (VQ ids, VAE latents)
+    num_workers: int = 0
+    # stage specific
+    cond_drop: float = 0.1  # decoder: probability of dropping prior tokens + glyphs (classifier-free guidance)
+    kl_weight: float = 1e-6  # vae
+    commit_weight: float = 0.25  # tokenizer: VQ commitment loss weight (beta)
+    lora_rank: int = 0  # > 0: LoRA fine-tuning of the stage's transformer from `base`
+    lora_alpha: float = 16.0
+    lora_merge: bool = True  # export merged weights (official layout) or keep the adapter separate
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r} must be one of {STAGES}")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
+
+
+def _read(path: Path) -> dict:
+    if path.suffix in (".yaml", ".yml"):
+        import yaml  # optional: pip install glimage[train]
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # bare strings: --set out=runs/x
+
+
+def load_config(config: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    path = Path(config)
+    if not path.is_file():
+        recipe = RECIPES / f"{config}.toml"
+        if not recipe.is_file():
+            names = sorted(p.stem for p in RECIPES.glob("*.toml"))
+            raise ValueError(f"{config!r} is neither a file nor a shipped recipe; recipes: {names}")
+        path = recipe
+    d = _read(path)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown keys in {path}: {unknown}")
+    model = dict(d.pop("model", {}) or {})
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r} must look like key=value")
+        value = _parse_value(text)
+        if key.startswith("model."):
+            model[key[len("model."):]] = value
+        elif key in names:
+            d[key] = value
+        else:
+            raise ValueError(f"--set {key!r}: unknown key; known keys: {sorted(names)}")
+    d["model"] = _flatten(model)
+    return TrainConfig(**d)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

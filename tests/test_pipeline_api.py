@@ -1,0 +1,109 @@
+"""The pipeline's API on a random tiny model: options, bad input, the CLI."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glimage.cli import main
+from glimage.pipeline import GlmImagePipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = GlmImagePipeline.from_config("tiny", seed=0, device="cpu")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def folder(pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_random")
+    pipe.save_pretrained(path)
+    return path
+
+
+def _run(pipe, **kw):
+    kw = {"height": 64, "width": 64, "num_inference_steps": 2, "seed": 1, **kw}
+    return pipe("a red circle", **kw)
+
+
+def test_seed_reproducible_and_generator_equivalent(pipe):
+    a, b = _run(pipe, output_type="np").images, _run(pipe, output_type="np").images
+    assert np.array_equal(a, b)
+    c = pipe("a red circle", height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(1),
+             output_type="np").images
+    assert np.array_equal(a, c)
+    assert not np.array_equal(a, _run(pipe, seed=2, output_type="np").images)
+
+
+def test_batch_and_images_per_prompt(pipe):
+    out = pipe(["a red circle", 'a sign that says "AB"'], height=64, width=96, num_inference_steps=2, seed=0,
+               num_images_per_prompt=2)
+    assert len(out.images) == 4 and out.images[0].size == (96, 64)
+    assert out.prior_token_ids.shape == (2, 4 * 2 * 3)
+    # images of one prompt share the AR tokens (as in the reference) but not the noise
+    assert not np.array_equal(np.asarray(out.images[0]), np.asarray(out.images[1]))
+
+
+def test_callback_sees_every_step(pipe):
+    seen = []
+    _run(pipe, num_inference_steps=3, callback_on_step_end=lambda p, i, s, kw: seen.append((i, float(s))) or {})
+    assert [i for i, _ in seen] == [0, 1, 2] and seen[0][1] == 1.0
+
+
+def test_image_to_image_batch(pipe):
+    src = Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8))
+    out = pipe(["edit a", "edit b"], image=[[src, src], [src, src]], height=64, width=64, num_inference_steps=2,
+               seed=0)
+    assert len(out.images) == 2
+
+
+def test_offload_flag_keeps_results(pipe, folder):
+    p = GlmImagePipeline.from_pretrained(folder, device="cpu", offload=True)
+    p.set_progress_bar_config(disable=True)
+    assert np.array_equal(_run(p, output_type="np").images, _run(pipe, output_type="np").images)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(num_inference_steps=0), "num_inference_steps=0 must be an integer >= 1"),
+    (dict(guidance_scale=-1.0), "guidance_scale=-1.0 must be >= 0"),
+    (dict(height=70), "height=70 must be a multiple of 32"),
+    (dict(width=1024), r"width=1024 is outside the supported range \[64, 256\]"),
+    (dict(image="/nonexistent.png"), "file not found"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt=0"),
+])
+def test_bad_input(pipe, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        _run(pipe, **kw)
+
+
+def test_prompt_longer_than_context(pipe):
+    with pytest.raises(ValueError, match="exceeds the model's context of 4096 tokens"):
+        pipe("x" * 5000, height=64, width=64, num_inference_steps=1)
+
+
+def test_cli_generate_info_and_errors(folder, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red circle", "--model", str(folder), "-o", str(out), "--height", "64", "--width",
+                 "64", "--steps", "2", "-q"]) == 0
+    assert Image.open(out).size == (64, 64)
+    bad = tmp_path / "b.png"
+    assert main(["generate", "x", "--model", str(folder), "-o", str(bad), "--height", "70", "-q"]) == 2
+    assert "height=70 must be a multiple of 32" in capsys.readouterr().err
+    assert not bad.exists() and not list(tmp_path.glob("tmp*"))
+    assert main(["generate", "x", "--model", str(folder), "-o", str(bad), "--steps", "0", "-q"]) == 2
+    assert main(["generate", "x", "--model", str(folder), "-o", str(bad), "--guidance", "-2", "-q"]) == 2
+    assert main(["generate", "x", "--model", str(folder), "-o", str(bad), "--image", str(tmp_path / "no.png"),
+                 "-q"]) == 2
+    assert not bad.exists()
+    assert main(["info", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "transformer" in text and "total" in text
+
+
+def test_cli_help_for_every_subcommand():
+    for argv in (["--help"], ["generate", "--help"], ["info", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
