@@ -36,6 +36,11 @@ def test_cached_decoding_equals_uncached():
         for t in range(L, L + n):
             steps.append(model(ids[:, t:t + 1], pos[:, :, t:t + 1], None, cache, t))
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # chunked: prefill, then several tokens at once after the cached prefix
+        cache = model.new_cache(B, L + n)
+        a = model(ids[:, :L], pos[:, :, :L], None, cache, 0)
+        b = model(ids[:, L:], pos[:, :, L:], None, cache, L)
+    torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_left_padding_does_not_change_real_rows():
