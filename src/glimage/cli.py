@@ -1,4 +1,4 @@
-"""`glimage` command line: generate, info. Thin: every subcommand maps onto the Python API."""
+"""`glimage` command line: generate, info, data. Thin: every subcommand maps onto the Python API."""
 
 from __future__ import annotations
 
@@ -77,6 +77,22 @@ def _info(args) -> int:
     return 0
 
 
+def _data_shapes(args) -> int:
+    from .data.shapes import generate_shapes
+
+    t0 = time.perf_counter()
+    records = generate_shapes(args.out, args.n, seed=args.seed, split=args.split)
+    meta = Path(args.out) / "metadata.jsonl"
+    print(f"{len(records)} {args.split} images in {time.perf_counter() - t0:.1f}s -> {meta}")
+    return 0
+
+
+def _train(args) -> int:
+    from .train.cli import main as train_main
+
+    return train_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glimage", description="GLM-Image in plain PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="components, parameter counts and dtypes of a model folder")
     i.add_argument("path")
     i.set_defaults(fn=_info)
+    # everything after `train` (--help and --set included) goes to glimage.train.cli's own parser; no
+    # prefix chars here, else argparse keeps a leading option such as --help out of the REMAINDER
+    t = sub.add_parser("train", help="train a stage: glimage train CONFIG [--set key=value ...]",
+                       add_help=False, prefix_chars="\0")
+    t.add_argument("args", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=_train)
+    d = sub.add_parser("data", help="datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("shapes", help="synthetic captioned shapes dataset (folder with metadata.jsonl)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--n", type=int, required=True, help="number of images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--split", choices=("train", "eval"), default="train",
+                   help="train leaves out green triangles and yellow circles; eval includes them")
+    s.set_defaults(fn=_data_shapes)
     return p
 
 
