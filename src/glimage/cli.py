@@ -93,6 +93,19 @@ def _train(args) -> int:
     return train_main(args.args)
 
 
+def _eval_shapes(args) -> int:
+    from .eval.shapes import evaluate, format_table
+    from .pipeline import GlmImagePipeline
+
+    pipe = GlmImagePipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    table = evaluate(pipe, args.n_per_category, args.seed, args.out, args.steps, args.guidance)
+    print(format_table(table))
+    if args.out:
+        print(f"samples: {args.out}/samples.png, details: {args.out}/results.jsonl", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glimage", description="GLM-Image in plain PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -121,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False, prefix_chars="\0")
     t.add_argument("args", nargs=argparse.REMAINDER)
     t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="automatic evaluation")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    es = esub.add_parser("shapes", help="score a model on the fixed seeded shapes prompt set (objects + OCR)")
+    es.add_argument("--model", required=True)
+    es.add_argument("--n-per-category", type=int, default=8)
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--steps", type=int, default=50)
+    es.add_argument("--guidance", type=float, default=1.5)
+    es.add_argument("--out", default=None, help="write samples.png, table.md, results.jsonl here")
+    es.add_argument("--device", default=None)
+    es.add_argument("--dtype", default=None)
+    es.set_defaults(fn=_eval_shapes)
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("shapes", help="synthetic captioned shapes dataset (folder with metadata.jsonl)")

@@ -1,0 +1,41 @@
+"""The shapes checker scores the dataset's own ground-truth images >= 98%, and rejects wrong ones."""
+
+import json
+
+import pytest
+from PIL import Image, ImageDraw
+
+from glimage.data.shapes import generate_shapes
+from glimage.eval.shapes import check, find_objects, score, tesseract_available
+
+
+@pytest.mark.parametrize("split,n", [("train", 60), ("eval", 36)])
+def test_checker_on_ground_truth(tmp_path, split, n):
+    if not tesseract_available():
+        pytest.skip("tesseract-ocr is not installed")
+    records = generate_shapes(tmp_path, n, seed=5, split=split)
+    results = [(r, check(Image.open(tmp_path / r["file_name"]), r)[0]) for r in records]
+    table = score(results)
+    correct, total = table["all"]
+    assert total == n and correct / total >= 0.98, table
+    if split == "eval":
+        assert table["held_out"][1] > 0
+
+
+def test_checker_rejects_wrong_images(tmp_path):
+    records = generate_shapes(tmp_path, 6, seed=1)
+    single = next(r for r in records if r["template"] == "single")
+    img = Image.open(tmp_path / single["file_name"])
+    assert check(img, single)[0]
+    blank = Image.new("RGB", img.size, "white")
+    assert not check(blank, single)[0]
+    wrong = dict(single, objects=[dict(single["objects"][0], color="blue" if single["objects"][0]["color"] != "blue"
+                                       else "red")])
+    assert not check(img, wrong)[0]
+    extra = img.copy()
+    ImageDraw.Draw(extra).rectangle([2, 2, 30, 30], fill=(20, 60, 230))
+    if not any(o["bbox"][0] < 31 and o["bbox"][1] < 31 for o in single["objects"]):
+        assert not check(extra, single)[0]
+    objs = find_objects(img)
+    assert [(o["color"], o["shape"]) for o in objs] == [(o["color"], o["shape"]) for o in single["objects"]]
+    json.dumps(objs)
