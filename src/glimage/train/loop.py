@@ -17,8 +17,8 @@
 Exactness: with the same split of the global batch into micro-batches (W x grad_accum the same), one
 process and W ranks see identical data and random numbers; results differ only by the order of the
 gradient sums (<= 1e-5). Randomness the stage draws from the generator depends on the micro-batch (its
-offset and size), so a stochastic stage trained as 1 x 1 and as 2 x 1 differs unless it derives its noise
-per sample. Resume is bit-exact: data, generators and the learning rate depend only on (seed, step), and
+offset and size), so stages draw their noise per sample from `batch["sample_seeds"]` (seeded by the
+sample's place in the global batch), which makes 1 x 1 and 2 x 1 identical as well. Resume is bit-exact: data, generators and the learning rate depend only on (seed, step), and
 model, optimizer and EMA states are restored from the checkpoint.
 
 Unusable samples (the dataset returns None) are dropped and counted; a micro-batch left with none still
@@ -109,10 +109,11 @@ class _Collate:
         for _, _, s in items:
             skipped.update(s)
         samples = [x for _, x, _ in items if x is not None]
+        positions = [j for j, (_, x, _) in enumerate(items) if x is not None]  # places in the micro-batch
         real = bool(samples)
         if not real:
-            samples = [self.data.first_usable(items[0][0])]
-        return self.stage.collate(samples), skipped, real
+            samples, positions = [self.data.first_usable(items[0][0])], [0]
+        return self.stage.collate(samples), skipped, real, positions
 
 
 class _MicroBatches:
@@ -253,10 +254,13 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
                 g["lr"] = lr
             sums, keys, new_skips = None, None, Counter()
             for a in range(cfg.grad_accum):
-                batch, skipped, real = next(it)
+                batch, skipped, real, positions = next(it)
                 new_skips.update(skipped)
                 offset = rank * batches.b + a * batches.m  # rank-independent: where it starts in the global batch
                 gen = manual_generator(device, mix_seed(cfg.seed, i, offset))
+                # one seed per sample, from its place in the global batch: stages that draw their noise per
+                # sample from these give the same numbers for any split over ranks and accumulation steps
+                batch["sample_seeds"] = [mix_seed(cfg.seed, i, offset + j, "sample") for j in positions]
                 torch.manual_seed(mix_seed(cfg.seed, i, offset, "global"))  # dropout etc. in the model
                 res = stage.step(model, _to_device(batch, device), gen)
                 w = 1.0 if real else 0.0  # a stand-in batch: in the collectives, out of the loss

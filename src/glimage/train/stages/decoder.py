@@ -1,0 +1,229 @@
+"""Stage `decoder`: flow matching of the DiT, conditioned exactly as the pipeline conditions it at inference.
+
+Per sample (all random draws from the loop's generator):
+  x0 = (z - latents_mean) / latents_std,  z ~ q(z | image) of the frozen VAE (a posterior sample, as diffusers'
+       training scripts do; the posterior is nearly a point at the small KL weights used)
+  t  ~ uniform integer in [1, T] (T = num_train_timesteps): the grid inference walks, t_i = linspace(T, 1, N+1)
+  sigma = shift_sigmas(t / T, mu(H, W))   the pipeline's resolution-dependent shift (glimage.flow)
+  x_sigma = (1 - sigma) x0 + sigma eps,    target v = eps - x0,   DiT timestep = t - 1 (0..999, as inference feeds)
+  prior ids = the frozen tokenizer's large grid of the ground-truth image (image / 32), upsampled x2 (one per
+       DiT patch, `glimage.prior.upsample_ids`); glyph = ByT5 of the caption's quoted text (`encode_glyphs`);
+       target_size = (H, W), crop = (0, 0) (the data is resized/centre-cropped, as inference assumes).
+  condition dropout (cfg.cond_drop): ALL prior tokens dropped (prior_token_drop = True), glyph = the empty
+       string's embedding, no reference images -- exactly the unconditional branch of the pipeline's CFG.
+Reference images (image-to-image samples): each source -> its VQ grid (inference preprocessing) and VAE latents
+of the source resized to that grid (as `GlmImagePipeline._reference_kv`) -> the DiT's write pass
+(`encode_reference`, timestep 0, with gradients) -> K/V the denoising pass reads.
+Loss: MSE of the velocity, one term per DiT token (losses.flow_loss). EMA of the weights is the loop's.
+Glyph lengths differ within a batch: shorter ones are left-padded (as encode_glyphs does) and the pads are
+masked out of the attention keys, so each sample sees what a batch-1 inference call would see.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...checkpoint import load_strict, read_state_dict
+from ...convert.dit import save_dit
+from ...convert.glyph import load_glyph_encoder
+from ...convert.vae import load_vae
+from ...flow import compute_mu, image_seq_len, shift_sigmas
+from ...glyph_text import encode_glyphs, glyph_token_ids
+from ...models.dit import GlmImageDiT, RefKV
+from ...prior import upsample_ids
+from ..config import TrainConfig
+from ..lora import DIT_TARGETS, apply_lora, merged_state_dict, save_lora, unmerged_base_state_dict
+from ..losses import flow_loss
+from ..stage import StepOutput
+from .common import (SAMPLE_PROMPTS, collate, empty_output, export_folder, frozen_vq_encoder, groups_by,
+                     model_config, random_pipeline, save_images, seeded_init, to_pil, tokenize_sources, vq_pixels)
+
+
+class TrainableDiT(GlmImageDiT):
+    """GlmImageDiT whose forward also runs the reference-image write passes: FSDP2 gathers the root's
+    parameters around `forward` only. Same state dict as GlmImageDiT."""
+
+    def forward(self, latents, glyph, prior_token_id, prior_token_drop, timestep, target_size, crop_coords,
+                refs=None, glyph_mask=None):
+        """refs: per sample a list of (latents (1, C, h, w), prior ids (1, N), size (1, 2)) or None."""
+        kv = None
+        if refs:
+            kv = RefKV.stack([RefKV.concat([self.encode_reference(z, ids, size) for z, ids, size in sample])
+                              for sample in refs])
+        v = super().forward(latents, glyph, prior_token_id, prior_token_drop, timestep, target_size, crop_coords,
+                            kv, glyph_mask)
+        return v.clone()  # the unpatchified output is a view; FSDP2 warns about hooking views for backward
+
+
+class DecoderStage:
+    name = "decoder"
+
+    def __init__(self, cfg: TrainConfig, dataset=None):
+        if not 0 <= cfg.cond_drop <= 1:
+            raise ValueError(f"cond_drop={cfg.cond_drop} must be in [0, 1]")
+        self.cfg = cfg
+        self.model_cfg, self.base_cfg = model_config(cfg, ("dit.", "scheduler."))
+        self._dataset = dataset
+        self._cache: dict = {}
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def setup(self, device, dtype) -> None:
+        self.device, self.dtype = torch.device(device), dtype
+        if self.cfg.base:
+            root = Path(self.cfg.base)
+            self.vae = load_vae(root / "vae", self.device, dtype)
+            self.glyph = load_glyph_encoder(root / "text_encoder", self.device, dtype)
+        else:
+            pipe = random_pipeline(self.model_cfg, self.cfg.seed)
+            self.vae, self.glyph = pipe.vae.to(self.device, dtype), pipe.glyph_encoder.to(self.device, dtype)
+        self.vae.eval().requires_grad_(False)
+        self.glyph.eval().requires_grad_(False)
+        self.enc = frozen_vq_encoder(self.cfg, self.model_cfg, self.device, dtype)
+
+    def build(self) -> nn.Module:
+        if self.cfg.base and self.model_cfg.dit == self.base_cfg.dit:
+            folder = Path(self.cfg.base) / "transformer"
+            with torch.device("meta"):
+                model = TrainableDiT(self.model_cfg.dit)
+            load_strict(model, read_state_dict(folder), what=f"DiT checkpoint {folder}")
+        else:
+            model = seeded_init(lambda: TrainableDiT(self.model_cfg.dit), self.cfg.seed)
+        if self.cfg.lora_rank:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed + 1)
+                apply_lora(model, self.cfg.lora_rank, self.cfg.lora_alpha, DIT_TARGETS)
+        return model.train()
+
+    def blocks(self, model: GlmImageDiT) -> list[nn.Module]:
+        return list(model.transformer_blocks)
+
+    def dataset(self):
+        if self._dataset is None:
+            from .common import make_dataset
+            self._dataset = make_dataset(self.cfg)
+        return self._dataset
+
+    def collate(self, samples):
+        return collate(samples)
+
+    # -- frozen encoders (memoised per dataset index with cfg.cache; the posterior is kept, not a sample)
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor, index: list):
+        """-> posterior mean, logvar (B, C, h, w) and prior ids (B, 4*th*tw) of the ground-truth images."""
+        keys = [(i, tuple(images.shape[-2:])) for i in index]
+        if self.cfg.cache and all(k in self._cache for k in keys):
+            return [torch.stack(t) for t in zip(*(self._cache[k] for k in keys))]
+        x = images.to(self.device, self.dtype)
+        post = self.vae.encode(x)
+        th, tw = images.shape[-2] // self.model_cfg.ar.grid_factor, images.shape[-1] // self.model_cfg.ar.grid_factor
+        ids = self.enc(vq_pixels(images, th, tw, self.model_cfg.ar.vision.patch_size).to(self.device, self.dtype))
+        prior = upsample_ids(ids.reshape(len(index), -1), th, tw)
+        out = [post.mean, post.logvar, prior]
+        if self.cfg.cache:
+            self._cache.update({k: tuple(t[j] for t in out) for j, k in enumerate(keys)})
+        return out
+
+    @torch.no_grad()
+    def _references(self, sources: list[torch.Tensor]) -> list[tuple]:
+        """One sample's sources -> [(normalised VAE latents, upsampled prior ids, size)], as _reference_kv."""
+        from ...pipeline import vae_input
+        grids = tokenize_sources(self.enc, [sources])[0]
+        px = 2 * self.model_cfg.dit.patch_size * self.vae.cfg.downsample  # pixels per VQ cell
+        out = []
+        for src, ids in zip(sources, grids):
+            gh, gw = ids.shape
+            x = vae_input(to_pil(src), gh * px, gw * px).to(self.device, self.dtype)
+            z = self.vae.normalize_latents(self.vae.encode(x).mode())
+            size = torch.tensor([[gh * px, gw * px]], device=self.device, dtype=self.dtype)
+            out.append((z, upsample_ids(ids.reshape(1, -1), gh, gw).to(self.device), size))
+        return out
+
+    @torch.no_grad()
+    def _glyphs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Left-padded glyph embeddings (B, T, D) and the key mask of the real tokens (None if none padded)."""
+        glyph = encode_glyphs(self.glyph, texts, self.device, self.dtype)
+        n = [sum(len(s) for s in glyph_token_ids(t, self.glyph.cfg.max_length)) for t in texts]
+        T = glyph.shape[1]
+        if all(k == T for k in n):
+            return glyph, None
+        mask = torch.arange(T, device=self.device)[None] >= (T - torch.tensor(n, device=self.device))[:, None]
+        return glyph, mask
+
+    def step(self, model: GlmImageDiT, batch, generator: torch.Generator) -> StepOutput:
+        images = batch["images"]
+        if images is None:
+            return empty_output(model)
+        B, _, H, W = images.shape
+        sched = self.model_cfg.scheduler
+        mean, logvar, prior = self._encode(images, batch["index"])
+        eps_z = torch.randn(mean.shape, generator=generator, device=generator.device).to(self.device, self.dtype)
+        x0 = self.vae.normalize_latents(mean + torch.exp(0.5 * logvar) * eps_z)
+        T = sched.num_train_timesteps
+        t = torch.randint(1, T + 1, (B,), generator=generator, device=generator.device).to(self.device)
+        mu = compute_mu(image_seq_len(H, W, self.vae.cfg.downsample, self.model_cfg.dit.patch_size), sched)
+        sigma = shift_sigmas(t.float() / T, mu, sched.time_shift_type).view(B, 1, 1, 1).to(self.dtype)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(self.device, self.dtype)
+        x_t = (1 - sigma) * x0 + sigma * noise
+        target = noise - x0
+        drop = (torch.rand(B, generator=generator, device=generator.device) < self.cfg.cond_drop).tolist()
+
+        texts = ["" if d else s for d, s in zip(drop, batch["texts"])]
+        glyph, glyph_mask = self._glyphs(texts)
+        size = torch.tensor([[H, W]], device=self.device, dtype=self.dtype).repeat(B, 1)
+        crop = torch.zeros(B, 2, device=self.device, dtype=self.dtype)
+        prior = prior.to(self.device)
+        prior_drop = torch.tensor(drop, device=self.device)[:, None].expand_as(prior)
+        # samples that read reference images run apart from the others (the K/V path is per batch)
+        refs = [None if d or not s else self._references(s) for d, s in zip(drop, batch["sources"])]
+        keys = [None if r is None else tuple(tuple(z.shape) for z, _, _ in r) for r in refs]
+        loss = count = 0
+        for key, rows in groups_by(keys).items():
+            r = torch.tensor(rows, device=self.device)
+            g, gm = glyph[r], (glyph_mask[r] if glyph_mask is not None else None)
+            if gm is not None and bool(gm.all()):
+                gm = None
+            v = model(x_t[r], g, prior[r], prior_drop[r], (t[r] - 1).to(self.dtype), size[r], crop[r],
+                      refs=[refs[i] for i in rows] if key is not None else None, glyph_mask=gm)
+            s, c = flow_loss(v, target[r], self.model_cfg.dit.patch_size)
+            loss, count = loss + s, count + c
+        return StepOutput(loss, count)
+
+    # -- export
+
+    def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        if not self.cfg.lora_rank:
+            return {k: v.detach() for k, v in model.state_dict().items()}
+        return merged_state_dict(model) if self.cfg.lora_merge else unmerged_base_state_dict(model)
+
+    def export(self, model: nn.Module, out_dir: str) -> None:
+        with torch.device("meta"):
+            dit = GlmImageDiT(self.model_cfg.dit)
+        load_strict(dit, {k: v.cpu() for k, v in self.trained_state(model).items()}, what="exported DiT")
+
+        def write(root: Path) -> None:
+            save_dit(dit, root / "transformer")
+            if self.cfg.lora_rank and not self.cfg.lora_merge:
+                save_lora(model, root / "transformer", DIT_TARGETS)
+
+        export_folder(self.cfg, self.model_cfg, out_dir, ("transformer",), write)
+
+    @torch.no_grad()
+    def samples(self, model: nn.Module, out_dir: str, step: int, steps: int = 8) -> list[Path]:
+        """Images of SAMPLE_PROMPTS through GlmImagePipeline: the base folder's AR with this DiT."""
+        from ...pipeline import GlmImagePipeline
+        pipe = (GlmImagePipeline.from_pretrained(self.cfg.base, device="cpu", dtype=torch.float32) if self.cfg.base
+                else random_pipeline(self.model_cfg, self.cfg.seed))
+        sd = merged_state_dict(model) if self.cfg.lora_rank else model.state_dict()  # adapters applied
+        with torch.device("meta"):
+            pipe.dit = GlmImageDiT(self.model_cfg.dit)  # the config may override the base's
+        load_strict(pipe.dit, {k: v.detach().cpu().float() for k, v in sd.items()}, what="trained DiT")
+        pipe.scheduler = self.model_cfg.scheduler
+        pipe.set_progress_bar_config(disable=True)
+        size = self.cfg.image_size
+        images = [pipe(p, height=size, width=size, num_inference_steps=steps, seed=self.cfg.seed + i).images[0]
+                  for i, p in enumerate(SAMPLE_PROMPTS)]
+        return save_images(images, out_dir, step, list(SAMPLE_PROMPTS))

@@ -1,0 +1,131 @@
+"""Stage `vae`: the KL autoencoder (`AutoencoderKL`), for presets trained from scratch.
+
+Objective per pixel: L1 + L2 reconstruction of a posterior sample's decoding + cfg.kl_weight * KL(q(z|x) || N(0, I))
+(LDM/diffusers convention: KL summed over the latent of an image; see losses.vae_loss). No GAN or perceptual
+term: the decoder stage, not the VAE, is where detail is learned at these sizes.
+
+Export replaces `vae/` of the base folder and sets `latents_mean` / `latents_std` in its config to per-channel
+statistics of the trained encoder's posterior means, measured at export on the first `STAT_IMAGES` images of
+the training set: the DiT then sees latents of zero mean and unit variance per channel (the pipeline's
+`(z - mean) / std`), whatever scale the encoder happened to learn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...checkpoint import load_strict, read_state_dict
+from ...convert.vae import save_vae
+from ...models.vae import AutoencoderKL, DiagonalGaussian
+from ..config import TrainConfig
+from ..losses import vae_loss
+from ..stage import StepOutput
+from .common import collate, empty_output, export_folder, make_dataset, model_config, save_images, seeded_init
+
+STAT_IMAGES = 64
+INIT_LOGVAR = -6.0  # posterior std e^-3 ~ 0.05 at the start of training from scratch
+
+
+class TrainableVAE(AutoencoderKL):
+    """AutoencoderKL with one forward for training: FSDP2 gathers a module's parameters around `forward`
+    only, so encode and decode run inside it. Same state dict as AutoencoderKL."""
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        mean, logvar = self.encode(x)
+        # clones: the halves of the encoder output are views, and FSDP2 hooks outputs for backward
+        posterior = DiagonalGaussian(mean.clone(), logvar.clone())
+        return self.decode(posterior.sample(generator)), posterior
+
+
+class VAEStage:
+    name = "vae"
+
+    def __init__(self, cfg: TrainConfig, dataset=None):
+        if cfg.lora_rank:
+            raise ValueError(f"lora_rank={cfg.lora_rank}: LoRA is supported for the ar and decoder stages only")
+        self.cfg = cfg
+        self.model_cfg, self.base_cfg = model_config(cfg, ("vae.",))
+        self._dataset = dataset
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def setup(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = torch.device(device), dtype  # nothing frozen
+
+    def build(self) -> nn.Module:
+        if self.cfg.base and self.model_cfg.vae == self.base_cfg.vae:
+            folder = Path(self.cfg.base) / "vae"
+            with torch.device("meta"):
+                model = TrainableVAE(self.model_cfg.vae)
+            return load_strict(model, read_state_dict(folder), what=f"VAE checkpoint {folder}").train()
+        model = seeded_init(lambda: TrainableVAE(self.model_cfg.vae), self.cfg.seed)
+        with torch.no_grad():
+            # From scratch the posterior starts at std ~1, which drowns the young encoder's signal: the decoder
+            # learns to ignore the latent (grey-brown blobs for every colour). Start it narrow instead; the KL
+            # term widens it as far as reconstruction allows.
+            C = self.model_cfg.vae.latent_channels
+            model.encoder.conv_out.weight[C:] *= 0.1
+            model.encoder.conv_out.bias[C:] = INIT_LOGVAR
+        return model.train()
+
+    def blocks(self, model: AutoencoderKL) -> list[nn.Module]:
+        return [*model.encoder.down_blocks, model.encoder.mid_block, model.decoder.mid_block, *model.decoder.up_blocks]
+
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = make_dataset(self.cfg)
+        return self._dataset
+
+    def collate(self, samples):
+        return collate(samples)
+
+    def step(self, model: AutoencoderKL, batch, generator: torch.Generator) -> StepOutput:
+        if batch["images"] is None:
+            return empty_output(model)
+        x = batch["images"].to(self.device, self.dtype)
+        recon, posterior = model(x, generator)
+        loss, count, metrics = vae_loss(x, recon, posterior, self.cfg.kl_weight)
+        return StepOutput(loss, count, metrics)
+
+    @torch.no_grad()
+    def latent_stats(self, model: AutoencoderKL, n: int = STAT_IMAGES, batch: int = 16):
+        """Per-channel mean and std of the posterior means over the first n training images."""
+        ds = self.dataset()
+        p = next(model.parameters())
+        zs, i = [], 0
+        while sum(z.shape[0] for z in zs) < n and i < len(ds):
+            b = self.collate([ds[j] for j in range(i, min(i + batch, len(ds)))])
+            i += batch
+            if b["images"] is not None:
+                zs.append(model.encode(b["images"].to(p.device, p.dtype)).mean.float())
+        if not zs:
+            raise ValueError("cannot measure latent statistics: no readable training image")
+        z = torch.cat([z.transpose(0, 1).flatten(1) for z in zs], dim=1)  # (C, N*h*w)
+        # a channel the encoder never uses would get std 0 and blow up (z - mean) / std: floor it
+        return z.mean(1).tolist(), z.std(1).clamp(min=1e-3).tolist()
+
+    def export(self, model: AutoencoderKL, out_dir: str) -> None:
+        model = model.eval()
+        mean, std = self.latent_stats(model)
+        vae_cfg = dataclasses.replace(model.cfg, latents_mean=tuple(mean), latents_std=tuple(std))
+        with torch.device("meta"):  # same weights, new statistics (save_vae writes model.cfg)
+            out = AutoencoderKL(vae_cfg)
+        out.load_state_dict(model.state_dict(), assign=True)
+        export_folder(self.cfg, self.model_cfg, out_dir, ("vae",), lambda root: save_vae(out, root / "vae"))
+
+    @torch.no_grad()
+    def samples(self, model: AutoencoderKL, out_dir: str, step: int, n: int = 4) -> list[Path]:
+        """Originals (top row) over reconstructions of the posterior mean (bottom row)."""
+        from ...pipeline import to_pil
+        ds = self.dataset()
+        b = self.collate([ds[i] for i in range(min(n, len(ds)))])
+        if b["images"] is None:
+            return []
+        p = next(model.parameters())
+        x = b["images"].to(p.device, p.dtype)
+        rec = model.eval().decode(model.encode(x).mean)
+        return save_images(to_pil(torch.cat([torch.cat(list(x), -1), torch.cat(list(rec), -1)], -2)[None]),
+                           out_dir, step, b["texts"])
