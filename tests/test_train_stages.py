@@ -213,14 +213,17 @@ def test_decoder_feeds_the_pipelines_conditioning(tmp_path):
     out = st.step(model, batch, gen)
     assert out.count == 8 * 4 * 4  # 64 px -> 8x8 latents -> 4x4 DiT tokens per image
     (x_t, glyph, prior, drop, t, size, crop), kw = calls[0][0], calls[0][1]
-    # replay the generator: posterior noise, timesteps, noise, dropout
-    gen = torch.Generator().manual_seed(3)
+    # replay the per-sample generators (seeded from the step generator outside the loop): posterior noise,
+    # timestep, flow noise, dropout, in that order per sample
+    batch = dict(batch, sample_seeds=torch.randint(0, 2**62, (8,), generator=torch.Generator().manual_seed(3)).tolist())
+    gens = [torch.Generator().manual_seed(s) for s in batch["sample_seeds"]]
     mean, logvar, ids = st._encode(batch["images"], batch["index"])
-    x0 = st.vae.normalize_latents(mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen))
-    tt = torch.randint(1, 1001, (8,), generator=gen)
+    x0 = st.vae.normalize_latents(mean + torch.exp(0.5 * logvar) * torch.stack([torch.randn(mean.shape[1:], generator=g)
+                                                                                 for g in gens]))
+    tt = torch.stack([torch.randint(1, 1001, (), generator=g) for g in gens])
     sigma = shift_sigmas(tt.float() / 1000, compute_mu(16, st.model_cfg.scheduler)).view(8, 1, 1, 1)
-    eps = torch.randn(x0.shape, generator=gen)
-    dropped = torch.rand(8, generator=gen) < 0.5
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+    dropped = torch.stack([torch.rand((), generator=g) for g in gens]) < 0.5
     assert 0 < int(dropped.sum()) < 8
     torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * eps)
     torch.testing.assert_close(t, (tt - 1).float())

@@ -298,3 +298,15 @@ def export_ar(cfg: TrainConfig, model_cfg: GlmImageConfig, out_dir: str | os.Pat
             extra(root)
 
     return export_folder(cfg, model_cfg, out_dir, ("vision_language_encoder",), write)
+
+
+def sample_generators(batch: dict, generator: torch.Generator, n: int) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by the loop from the sample's place in the global batch
+    (`batch["sample_seeds"]`), so the noise a sample gets does not depend on how the global batch is split
+    over ranks and accumulation steps. Called outside the loop (tests), seeds come from `generator`."""
+    seeds = batch.get("sample_seeds")
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} sample seeds for {n} samples")
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]

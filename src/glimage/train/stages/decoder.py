@@ -38,7 +38,7 @@ from ..config import TrainConfig
 from ..lora import DIT_TARGETS, apply_lora, merged_state_dict, save_lora, unmerged_base_state_dict
 from ..losses import flow_loss
 from ..stage import StepOutput
-from .common import (SAMPLE_PROMPTS, collate, empty_output, export_folder, frozen_vq_encoder, groups_by,
+from .common import (SAMPLE_PROMPTS, sample_generators, collate, empty_output, export_folder, frozen_vq_encoder, groups_by,
                      model_config, random_pipeline, save_images, seeded_init, to_pil, tokenize_sources, vq_pixels)
 
 
@@ -160,16 +160,18 @@ class DecoderStage:
         B, _, H, W = images.shape
         sched = self.model_cfg.scheduler
         mean, logvar, prior = self._encode(images, batch["index"])
-        eps_z = torch.randn(mean.shape, generator=generator, device=generator.device).to(self.device, self.dtype)
+        # per-sample draws, in a fixed order per sample: posterior noise, t, flow noise, condition dropout
+        gens = sample_generators(batch, generator, B)
+        eps_z = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(self.device, self.dtype)
         x0 = self.vae.normalize_latents(mean + torch.exp(0.5 * logvar) * eps_z)
         T = sched.num_train_timesteps
-        t = torch.randint(1, T + 1, (B,), generator=generator, device=generator.device).to(self.device)
+        t = torch.stack([torch.randint(1, T + 1, (), generator=g) for g in gens]).to(self.device)
         mu = compute_mu(image_seq_len(H, W, self.vae.cfg.downsample, self.model_cfg.dit.patch_size), sched)
         sigma = shift_sigmas(t.float() / T, mu, sched.time_shift_type).view(B, 1, 1, 1).to(self.dtype)
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(self.device, self.dtype)
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(self.device, self.dtype)
         x_t = (1 - sigma) * x0 + sigma * noise
         target = noise - x0
-        drop = (torch.rand(B, generator=generator, device=generator.device) < self.cfg.cond_drop).tolist()
+        drop = [bool(torch.rand((), generator=g) < self.cfg.cond_drop) for g in gens]
 
         texts = ["" if d else s for d, s in zip(drop, batch["texts"])]
         glyph, glyph_mask = self._glyphs(texts)

@@ -24,7 +24,8 @@ from ...models.vae import AutoencoderKL, DiagonalGaussian
 from ..config import TrainConfig
 from ..losses import vae_loss
 from ..stage import StepOutput
-from .common import collate, empty_output, export_folder, make_dataset, model_config, save_images, seeded_init
+from .common import (collate, empty_output, export_folder, make_dataset, model_config, sample_generators,
+                     save_images, seeded_init)
 
 STAT_IMAGES = 64
 INIT_LOGVAR = -6.0  # posterior std e^-3 ~ 0.05 at the start of training from scratch
@@ -86,7 +87,7 @@ class VAEStage:
         if batch["images"] is None:
             return empty_output(model)
         x = batch["images"].to(self.device, self.dtype)
-        recon, posterior = model(x, generator)
+        recon, posterior = model(x, sample_generators(batch, generator, x.shape[0]))  # per-sample noise
         loss, count, metrics = vae_loss(x, recon, posterior, self.cfg.kl_weight)
         return StepOutput(loss, count, metrics)
 
