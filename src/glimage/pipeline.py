@@ -119,7 +119,19 @@ class GlmImagePipeline:
                    load_vae(path / "vae", load_to, dtype),
                    scheduler_from_official(read_json(path / "scheduler" / "scheduler_config.json")), device, dtype)
         pipe.offload = offload
+        for component in ("vision_language_encoder", "transformer"):  # adapters exported unmerged by training
+            if (path / component / "lora.json").is_file():
+                pipe.load_lora_weights(path / component, component)
         return pipe
+
+    def load_lora_weights(self, path: str | os.PathLike, component: str = "transformer") -> list[str]:
+        """Merge a LoRA adapter (`lora.safetensors` + `lora.json`, written by `glimage train` with
+        lora_merge = false) into the AR ("vision_language_encoder") or the DiT ("transformer")."""
+        from .train.lora import apply_lora_file
+        modules = {"vision_language_encoder": self.ar, "transformer": self.dit}
+        if component not in modules:
+            raise ValueError(f"component={component!r} must be one of {sorted(modules)}")
+        return apply_lora_file(modules[component], path, merge=True)
 
     @classmethod
     def from_config(cls, cfg: GlmImageConfig | str, seed: int = 0, device=None, dtype=None) -> "GlmImagePipeline":
