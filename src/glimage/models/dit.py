@@ -239,9 +239,10 @@ class Block(nn.Module):
         self.ff = FeedForward(dim, 4 * dim, dim, partial(F.gelu, approximate="tanh"))
 
     def forward(self, x: torch.Tensor, n_text: int, temb: torch.Tensor, rope, ref=None, key_mask=None,
-                kv_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """x (B, T+N, D), text first -> (x, k, v): the updated stream and this layer's post-norm, post-RoPE
-        keys/values (B, T+N, H, Dh), which the reference-image write pass keeps. kv_only stops there (x None)."""
+                kv_only: bool = False, return_kv: bool = False):
+        """x (B, T+N, D), text first -> (x, k, v): the updated stream and, with return_kv, this layer's
+        post-norm, post-RoPE keys/values (B, T+N, H, Dh), which the reference-image write pass keeps (else
+        None: returning unused views trips FSDP2's backward hooks). kv_only stops there (x None)."""
         (shift_msa, c_shift_msa, scale_msa, c_scale_msa, gate_msa, c_gate_msa,
          shift_mlp, c_shift_mlp, scale_mlp, c_scale_mlp, gate_mlp, c_gate_mlp) = self.norm1(temb)
         h = F.layer_norm(x, (self.dim,), eps=LN_EPS).to(x.dtype)
@@ -252,7 +253,7 @@ class Block(nn.Module):
         x = x + _gate(self.attn1.attend(q, k, v, ref, key_mask), n_text, c_gate_msa, gate_msa)
         h = _modulate(F.layer_norm(x, (self.dim,), eps=LN_EPS), n_text, c_shift_mlp, c_scale_mlp, shift_mlp, scale_mlp)
         x = x + _gate(self.ff(h), n_text, c_gate_mlp, gate_mlp)  # one FF over both streams (same weights)
-        return x, k, v
+        return (x, k, v) if return_kv else (x, None, None)
 
 
 class NormOut(nn.Module):
@@ -394,7 +395,7 @@ class GlmImageDiT(nn.Module):
         ks, vs = [], []
         last = len(self.transformer_blocks) - 1
         for i, block in enumerate(self.transformer_blocks):
-            x, k, v = block(x, 0, temb, rope, kv_only=i == last)  # the last layer's output is never used
+            x, k, v = block(x, 0, temb, rope, kv_only=i == last, return_kv=True)  # the last layer's output is never used
             ks.append(k)
             vs.append(v)
         return RefKV(ks, vs)
