@@ -69,7 +69,6 @@ def run_prior(model: GlmImageAR, tok: GlmTokenizer, prompts: list[str], height: 
               images: list[list] | None, generator: torch.Generator, progress: bool = True) -> Prior:
     cfg = model.cfg
     check_size(height, width, cfg)
-    device = model.lm_head.weight.device
     src = tokenize_sources(model, images) if images else None
     grids = [[tuple(g.shape) for g in row] for row in src] if src else None
     batch = build_prompts(prompts, height, width, tok, cfg, grids)

@@ -35,12 +35,12 @@ from ...models.ar import GlmImageAR, TextModel
 from ...prompt import GlmTokenizer, build_prompts, check_size, target_grids
 from ...sampling import prefill_mask
 from ..config import TrainConfig
-from ..lora import AR_TARGETS, apply_lora, merged_state_dict, save_lora, unmerged_base_state_dict
+from ..lora import AR_TARGETS, apply_lora, merged_state_dict, save_lora
 from ..losses import ar_loss
 from ..stage import StepOutput
-from .common import (SAMPLE_PROMPTS, VQEncoder, collate, empty_output, export_ar, frozen_vq_encoder, groups_by,
-                     load_part, make_dataset, model_config, random_pipeline, save_images, seeded_init,
-                     tokenize_sources, vq_pixels)
+from .common import (StageBase, SAMPLE_PROMPTS, VQEncoder, empty_output, export_ar, frozen_vq_encoder, groups_by,
+                     load_part, model_config, random_pipeline, save_images, seeded_init, tokenize_sources,
+                     vq_pixels)
 
 TRAINED = ("ar.text.", "ar.grid_factor", "ar.preview_side", "ar.source_", "ar.min_size", "ar.max_size",
            "ar.max_aspect_ratio", "ar.temperature", "ar.top_k", "ar.top_p")
@@ -104,7 +104,7 @@ def ar_batch(texts: list[str], height: int, width: int, tok: GlmTokenizer, cfg: 
                    prefill_mask(attn, L + n_in), L - 1, targets)
 
 
-class ARStage:
+class ARStage(StageBase):
     name = "ar"
 
     def __init__(self, cfg: TrainConfig, dataset=None):
@@ -139,13 +139,6 @@ class ARStage:
     def blocks(self, model: ARModel) -> list[nn.Module]:
         return list(model.language_model.layers)
 
-    def dataset(self):
-        if self._dataset is None:
-            self._dataset = make_dataset(self.cfg)
-        return self._dataset
-
-    def collate(self, samples):
-        return collate(samples)
 
     # -- frozen tokenizer (memoised per dataset index with cfg.cache: it is deterministic)
 
@@ -200,11 +193,6 @@ class ARStage:
 
     # -- export
 
-    def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Official-layout weights of the trained part: LoRA merged, or the untouched base when kept apart."""
-        if not self.cfg.lora_rank:
-            return {k: v.detach() for k, v in model.state_dict().items()}
-        return merged_state_dict(model) if self.cfg.lora_merge else unmerged_base_state_dict(model)
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         extra = None

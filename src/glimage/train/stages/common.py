@@ -310,3 +310,25 @@ def sample_generators(batch: dict, generator: torch.Generator, n: int) -> list[t
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} sample seeds for {n} samples")
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+class StageBase:
+    """What every stage does alike: its dataset (made once, or injected), collation, and the weights of the
+    trained part it exports (LoRA adapters merged, or the untouched base when they are kept apart)."""
+
+    cfg: TrainConfig
+    _dataset = None
+
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = make_dataset(self.cfg)
+        return self._dataset
+
+    def collate(self, samples):
+        return collate(samples)
+
+    def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from ..lora import merged_state_dict, unmerged_base_state_dict
+        if not self.cfg.lora_rank:
+            return {k: v.detach() for k, v in model.state_dict().items()}
+        return merged_state_dict(model) if self.cfg.lora_merge else unmerged_base_state_dict(model)

@@ -35,11 +35,12 @@ from ...glyph_text import encode_glyphs, glyph_token_ids
 from ...models.dit import GlmImageDiT, RefKV
 from ...prior import upsample_ids
 from ..config import TrainConfig
-from ..lora import DIT_TARGETS, apply_lora, merged_state_dict, save_lora, unmerged_base_state_dict
+from ..lora import (DIT_TARGETS, apply_lora, merged_state_dict, save_lora)
 from ..losses import flow_loss
 from ..stage import StepOutput
-from .common import (SAMPLE_PROMPTS, sample_generators, collate, empty_output, export_folder, frozen_vq_encoder, groups_by,
-                     model_config, random_pipeline, save_images, seeded_init, to_pil, tokenize_sources, vq_pixels)
+from .common import (StageBase, SAMPLE_PROMPTS, sample_generators, empty_output, export_folder, frozen_vq_encoder,
+                     groups_by, model_config, random_pipeline, save_images, seeded_init, to_pil, tokenize_sources,
+                     vq_pixels)
 
 
 class TrainableDiT(GlmImageDiT):
@@ -58,7 +59,7 @@ class TrainableDiT(GlmImageDiT):
         return v.clone()  # the unpatchified output is a view; FSDP2 warns about hooking views for backward
 
 
-class DecoderStage:
+class DecoderStage(StageBase):
     name = "decoder"
 
     def __init__(self, cfg: TrainConfig, dataset=None):
@@ -100,14 +101,6 @@ class DecoderStage:
     def blocks(self, model: GlmImageDiT) -> list[nn.Module]:
         return list(model.transformer_blocks)
 
-    def dataset(self):
-        if self._dataset is None:
-            from .common import make_dataset
-            self._dataset = make_dataset(self.cfg)
-        return self._dataset
-
-    def collate(self, samples):
-        return collate(samples)
 
     # -- frozen encoders (memoised per dataset index with cfg.cache; the posterior is kept, not a sample)
 
@@ -196,10 +189,6 @@ class DecoderStage:
 
     # -- export
 
-    def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        if not self.cfg.lora_rank:
-            return {k: v.detach() for k, v in model.state_dict().items()}
-        return merged_state_dict(model) if self.cfg.lora_merge else unmerged_base_state_dict(model)
 
     def export(self, model: nn.Module, out_dir: str) -> None:
         with torch.device("meta"):

@@ -39,8 +39,8 @@ from ...prompt import target_grids
 from ..config import TrainConfig
 from ..losses import code_usage, revive_loss, straight_through, vq_losses
 from ..stage import StepOutput
-from .common import (VQEncoder, collate, empty_output, export_ar, load_part, make_dataset, model_config,
-                     save_images, seeded_init, vq_pixels)
+from .common import (StageBase, VQEncoder, empty_output, export_ar, load_part, model_config, save_images,
+                     seeded_init, vq_pixels)
 
 PX_PER_TOKEN = 8  # reconstruction resolution of the auxiliary decoder
 REVIVE_POOL = 512  # encoder outputs a dead code may be pulled to (a random subset of the micro-batch's)
@@ -86,7 +86,7 @@ class TokenizerModel(VQEncoder):
         return [self.quantize(p) for p in pixels]
 
 
-class TokenizerStage:
+class TokenizerStage(StageBase):
     name = "tokenizer"
 
     def __init__(self, cfg: TrainConfig, dataset=None):
@@ -119,13 +119,6 @@ class TokenizerStage:
     def blocks(self, model: TokenizerModel) -> list[nn.Module]:
         return list(model.visual.blocks)
 
-    def dataset(self):
-        if self._dataset is None:
-            self._dataset = make_dataset(self.cfg)
-        return self._dataset
-
-    def collate(self, samples):
-        return collate(samples)
 
     def grids(self, height: int, width: int) -> list[tuple[int, int]]:
         th, tw, ph, pw = target_grids(height, width, self.ar_cfg)

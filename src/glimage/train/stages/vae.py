@@ -24,8 +24,8 @@ from ...models.vae import AutoencoderKL, DiagonalGaussian
 from ..config import TrainConfig
 from ..losses import vae_loss
 from ..stage import StepOutput
-from .common import (collate, empty_output, export_folder, make_dataset, model_config, sample_generators,
-                     save_images, seeded_init)
+from .common import (StageBase, empty_output, export_folder, model_config, sample_generators, save_images,
+                     seeded_init)
 
 STAT_IMAGES = 64
 INIT_LOGVAR = -6.0  # posterior std e^-3 ~ 0.05 at the start of training from scratch
@@ -42,7 +42,7 @@ class TrainableVAE(AutoencoderKL):
         return self.decode(posterior.sample(generator)), posterior
 
 
-class VAEStage:
+class VAEStage(StageBase):
     name = "vae"
 
     def __init__(self, cfg: TrainConfig, dataset=None):
@@ -75,13 +75,6 @@ class VAEStage:
     def blocks(self, model: AutoencoderKL) -> list[nn.Module]:
         return [*model.encoder.down_blocks, model.encoder.mid_block, model.decoder.mid_block, *model.decoder.up_blocks]
 
-    def dataset(self):
-        if self._dataset is None:
-            self._dataset = make_dataset(self.cfg)
-        return self._dataset
-
-    def collate(self, samples):
-        return collate(samples)
 
     def step(self, model: AutoencoderKL, batch, generator: torch.Generator) -> StepOutput:
         if batch["images"] is None:
