@@ -35,7 +35,7 @@ from ...glyph_text import encode_glyphs, glyph_token_ids
 from ...models.dit import GlmImageDiT, RefKV
 from ...prior import upsample_ids
 from ..config import TrainConfig
-from ..lora import (DIT_TARGETS, apply_lora, merged_state_dict, save_lora)
+from ..lora import DIT_TARGETS, apply_lora, merged_state_dict, save_lora
 from ..losses import flow_loss
 from ..stage import StepOutput
 from .common import (StageBase, SAMPLE_PROMPTS, sample_generators, empty_output, export_folder, frozen_vq_encoder,
