@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from glimage.train.config import TrainConfig
@@ -101,7 +102,7 @@ class ToyStage:
         return StepOutput(err.sum(), torch.tensor(float(err.numel())), {"abs": err.detach().sqrt().sum()})
 
     def export(self, model, out_dir):
-        torch.save(model.state_dict(), Path(out_dir) / "model.pt")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(out_dir) / "model.safetensors"))
 
     def samples(self, model, out_dir, step):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ def metrics(out) -> list[dict]:
 
 
 def weights(out) -> dict:
-    return torch.load(Path(out) / "export" / "model.pt")
+    return load_file(str(Path(out) / "export" / "model.safetensors"))
 
 
 def dcp_tensors(ckpt_dir, tmp_path) -> dict:
@@ -191,7 +192,7 @@ def dcp_tensors(ckpt_dir, tmp_path) -> dict:
                 walk(f"{prefix}.{k}", v)
         elif isinstance(x, torch.Tensor):
             flat[prefix] = x
-    walk("", torch.load(dst, weights_only=False))
+    walk("", torch.load(dst, weights_only=True))
     return flat
 
 

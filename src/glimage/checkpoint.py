@@ -57,8 +57,9 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def read_state_dict(folder: str | os.PathLike, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a component folder, loaded onto `device`; floating tensors cast to `dtype`."""
+                    dtype: torch.dtype | None = None, prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of a component folder (only those whose names start with one of `prefixes`, if given),
+    loaded onto `device`; floating tensors cast to `dtype`."""
     device = torch.device(device)
     out: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
@@ -66,6 +67,8 @@ def read_state_dict(folder: str | os.PathLike, device: torch.device | str = "cpu
         load_dev = str(device) if device.type in ("cpu", "cuda") else "cpu"
         with safe_open(str(path), framework="pt", device=load_dev) as f:
             for key in f.keys():
+                if prefixes and not key.startswith(prefixes):
+                    continue
                 t = f.get_tensor(key)
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)

@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
 from torch import nn
 
-from ...checkpoint import CheckpointError, load_strict, read_json, weight_files
+from ...checkpoint import CheckpointError, load_strict, read_json, read_state_dict
 from ...config import ARConfig, GlmImageConfig, get_preset, replace
 from ...convert.ar import from_official as ar_from_official, read_ar_config
 from ...convert.dit import config_from_official as dit_config
@@ -89,14 +88,7 @@ def read_prefixed(folder: str | os.PathLike, prefixes: tuple[str, ...], device="
                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a component folder whose (official) names start with one of `prefixes`: the frozen
     tokenizer needs ~1 GB of a 20 GB AR checkpoint."""
-    out = {}
-    for path in weight_files(folder):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key.startswith(prefixes):
-                    t = f.get_tensor(key)
-                    out[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device)
-    return out
+    return read_state_dict(folder, device, dtype, prefixes)
 
 
 def load_part(module: nn.Module, root: str | os.PathLike, prefixes: tuple[str, ...], device="cpu", dtype=None):
