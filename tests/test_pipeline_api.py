@@ -107,3 +107,30 @@ def test_cli_help_for_every_subcommand():
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
+
+
+def test_compact_id_layout_round_trip(tmp_path):
+    """Small models can drop the 168064-row embedding: codebook, image start/end, text bytes and specials
+    packed at low ids. The tokenizer, sampler (grids use only codebook ids), export and reload follow."""
+    from glimage.config import PRESETS, replace
+    from glimage.prompt import GlmTokenizer
+    cfg = replace(PRESETS["tiny"], **{
+        "ar.vq.num_embeddings": 1024, "ar.image_start_token_id": 1024, "ar.image_end_token_id": 1025,
+        "ar.text.vision_vocab_size": 1032, "ar.text_token_offset": 1032, "ar.grid_bos_token_id": 1288,
+        "ar.grid_eos_token_id": 1289, "ar.image_token_id": 1290, "ar.text.pad_token_id": 1291,
+        "ar.text.eos_token_id": 1025, "ar.text.vocab_size": 1292, "dit.prior_vq_quantizer_codebook_size": 1024})
+    pipe = GlmImagePipeline.from_config(cfg, seed=0, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.ar.language_model.embed_tokens.weight.shape[0] == 1292
+    ids = GlmTokenizer.byte_level(cfg.ar).encode('a "HI"<sop>2 2<eop><|dit_token_16384|>')
+    assert max(ids) < 1292 and ids[-1] == 1024 and 1288 in ids and 1289 in ids
+    out = pipe('a sign that says "HI"', height=64, width=64, num_inference_steps=2, seed=0, output_type="np")
+    assert int(out.prior_token_ids.max()) < 1024
+    pipe.save_pretrained(tmp_path)
+    again = GlmImagePipeline.from_pretrained(tmp_path, device="cpu")
+    again.set_progress_bar_config(disable=True)
+    assert again.ar.cfg == pipe.ar.cfg
+    assert np.array_equal(again('a sign that says "HI"', height=64, width=64, num_inference_steps=2, seed=0,
+                                output_type="np").images, out.images)
+    with pytest.raises(ValueError, match="collide"):
+        replace(cfg, **{"ar.grid_bos_token_id": 1100})

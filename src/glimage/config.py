@@ -83,6 +83,13 @@ class ARConfig:
     image_token_id: int = 167855  # <|image|> placeholder, replaced by a source image's VQ ids
     image_start_token_id: int = 16384  # also the tokenizer's bos
     image_end_token_id: int = 16385  # also eos
+    # Id layout of glimage's byte-level tokenizer (models trained here; the official model ships GLM-4's BPE):
+    # text byte k -> text_token_offset + k; grid tokens <sop>/<eop> at these ids; pad is text.pad_token_id.
+    # The official values put them where GLM-4 has them; a compact layout lets a small model drop the
+    # 168064-row embedding.
+    text_token_offset: int = 16512
+    grid_bos_token_id: int = 167845
+    grid_eos_token_id: int = 167846
     # Grid conventions (the official processor hard-codes them; small presets scale them).
     grid_factor: int = 32  # pixels per large-grid token: 1024 px -> 32 tokens
     preview_side: int = 16  # preview grid has ~preview_side^2 tokens whatever the aspect ratio
@@ -108,6 +115,21 @@ class ARConfig:
         if self.vq.num_embeddings > self.image_start_token_id:
             raise ValueError(
                 f"codebook size {self.vq.num_embeddings} overlaps the image start id {self.image_start_token_id}")
+        specials = self.special_token_ids
+        bytes_ = range(self.text_token_offset, self.text_token_offset + 256)
+        clash = [i for i in specials.values() if i in bytes_ or i < self.vq.num_embeddings]
+        if len(set(specials.values())) != len(specials) or clash:
+            raise ValueError(f"special token ids {specials} collide with each other, the codebook "
+                             f"[0, {self.vq.num_embeddings}) or the text bytes [{bytes_.start}, {bytes_.stop})")
+        top = max([*specials.values(), bytes_.stop - 1])
+        if top >= self.text.vocab_size:
+            raise ValueError(f"token id {top} does not fit the embedding of {self.text.vocab_size} rows")
+
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        return {"<|dit_token_16384|>": self.image_start_token_id, "<|dit_token_16385|>": self.image_end_token_id,
+                "<|endoftext|>": self.text.pad_token_id, "<sop>": self.grid_bos_token_id,
+                "<eop>": self.grid_eos_token_id, "<|image|>": self.image_token_id}
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ class GlmImagePipeline:
         with torch.device(device):
             mods = [GlmImageAR(cfg.ar), GlyphEncoder(cfg.glyph), GlmImageDiT(cfg.dit), AutoencoderKL(cfg.vae)]
         ar, glyph, dit, vae = (m.to(dtype).eval() for m in mods)
-        return cls(ar, GlmTokenizer.byte_level(), glyph, dit, vae, cfg.scheduler, device, dtype)
+        return cls(ar, GlmTokenizer.byte_level(cfg.ar), glyph, dit, vae, cfg.scheduler, device, dtype)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the official layout (loads in diffusers' GlmImagePipeline and in ours)."""

@@ -44,27 +44,27 @@ def check_size(height: int, width: int, cfg: ARConfig) -> None:
         raise ValueError(f"aspect ratio {height}x{width} = {ratio:.2f} exceeds the maximum {cfg.max_aspect_ratio:g}")
 
 
-SPECIAL_TOKENS = {"<|dit_token_16384|>": 16384, "<|dit_token_16385|>": 16385, "<|endoftext|>": 167841,
-                  "<sop>": 167845, "<eop>": 167846, "<|image|>": 167855}
 SPECIAL_ROLES = {"bos_token": "<|dit_token_16384|>", "eos_token": "<|dit_token_16385|>", "pad_token": "<|endoftext|>",
                  "image_token": "<|image|>", "grid_bos_token": "<sop>", "grid_eos_token": "<eop>"}
 
 
-def build_byte_tokenizer() -> Tokenizer:
-    """A byte-level tokenizer with GLM-Image's special tokens at their real ids (text bytes -> 16512 + rank).
+def build_byte_tokenizer(cfg: ARConfig | None = None) -> Tokenizer:
+    """A byte-level tokenizer with GLM-Image's special tokens, ids from `cfg`'s layout (official by default:
+    text bytes -> 16512 + rank, specials at their GLM-4 ids).
 
-    For models trained here (and tests): the GLM-4 vocabulary is not needed to describe synthetic scenes,
-    and the id layout (visual ids below 16512, text above) stays the official one.
+    For models trained here (and tests): the GLM-4 vocabulary is not needed to describe synthetic scenes.
     """
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
+    cfg = cfg or ARConfig()
+    specials = cfg.special_token_ids
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: 16512 + i for i, ch in enumerate(alphabet)}
-    vocab.update(SPECIAL_TOKENS)
+    vocab = {ch: cfg.text_token_offset + i for i, ch in enumerate(alphabet)}
+    vocab.update(specials)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     return tk
 
 
@@ -96,8 +96,8 @@ class GlmTokenizer:
         return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), special)
 
     @classmethod
-    def byte_level(cls) -> "GlmTokenizer":
-        return cls(build_byte_tokenizer(), dict(SPECIAL_ROLES))
+    def byte_level(cls, cfg: ARConfig | None = None) -> "GlmTokenizer":
+        return cls(build_byte_tokenizer(cfg), dict(SPECIAL_ROLES))
 
     def save(self, folder: str | os.PathLike) -> None:
         from .checkpoint import write_json

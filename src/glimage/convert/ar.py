@@ -19,7 +19,8 @@ from ..config import ARConfig, TextConfig, VisionConfig, VQConfig
 from ..models.ar import GlmImageAR
 
 PREFIXED = ("visual.", "language_model.", "vqmodel.")
-EXTRA_FIELDS = ("grid_factor", "preview_side", "min_size", "max_size", "max_aspect_ratio")
+EXTRA_FIELDS = ("grid_factor", "preview_side", "min_size", "max_size", "max_aspect_ratio", "text_token_offset",
+                "grid_bos_token_id", "grid_eos_token_id")
 
 
 def from_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -120,7 +120,7 @@ class ARStage(StageBase):
     def setup(self, device, dtype) -> None:
         self.device, self.dtype = torch.device(device), dtype
         self.tok = (GlmTokenizer.from_folder(Path(self.cfg.base) / "processor") if self.cfg.base
-                    else GlmTokenizer.byte_level())
+                    else GlmTokenizer.byte_level(self.ar_cfg))
         self.enc = frozen_vq_encoder(self.cfg, self.model_cfg, self.device, self.dtype)
 
     def build(self) -> nn.Module:
