@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def seed_generator(generator, seed, device: torch.device) -> torch.Generator:
     if generator is not None:
         seed = generator.initial_seed()
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = secrets.randbits(62)  # fresh entropy, leaving torch's global RNG untouched
     return manual_generator(device, seed)
 
 
@@ -258,7 +259,7 @@ class GlmImagePipeline:
             height, width = height or dh, width or dw
         get_schedule(num_inference_steps, height, width, self.scheduler)  # validates before the AR runs
         if generator is None:
-            generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**62))
+            generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
 
         prior = self._prior(prompts, height, width, images, generator, None)
         B = len(prompts) * num_images_per_prompt
