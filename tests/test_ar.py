@@ -1,7 +1,5 @@
 """AR invariants: cached == uncached decoding, the official layout, conversion round trips, bad input."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -184,4 +182,3 @@ def test_sharded_checkpoint_loads(tmp_path):
 def test_pipeline_rejects_non_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a GLM-Image folder"):
         GlmImagePipeline.from_pretrained(tmp_path)
-    assert dataclasses.is_dataclass(PRESETS["tiny"])

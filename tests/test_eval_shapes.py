@@ -32,10 +32,14 @@ def test_checker_rejects_wrong_images(tmp_path):
     wrong = dict(single, objects=[dict(single["objects"][0], color="blue" if single["objects"][0]["color"] != "blue"
                                        else "red")])
     assert not check(img, wrong)[0]
+    # an extra object in a corner the real one does not reach must fail the check
+    (x0, y0, x1, y1) = single["objects"][0]["bbox"]
+    corner = next(c for c in ([2, 2, 26, 26], [102, 2, 126, 26], [2, 102, 26, 126], [102, 102, 126, 126])
+                  if c[2] < x0 or c[0] > x1 or c[3] < y0 or c[1] > y1)
     extra = img.copy()
-    ImageDraw.Draw(extra).rectangle([2, 2, 30, 30], fill=(20, 60, 230))
-    if not any(o["bbox"][0] < 31 and o["bbox"][1] < 31 for o in single["objects"]):
-        assert not check(extra, single)[0]
+    ImageDraw.Draw(extra).rectangle(corner, fill=(20, 60, 230) if single["objects"][0]["color"] != "blue"
+                                    else (220, 20, 20))
+    assert not check(extra, single)[0]
     objs = find_objects(img)
     assert [(o["color"], o["shape"]) for o in objs] == [(o["color"], o["shape"]) for o in single["objects"]]
     json.dumps(objs)
