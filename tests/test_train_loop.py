@@ -379,3 +379,10 @@ def test_bad_batch_split_and_cli(tmp_path, capsys):
     cfg.write_text('stage = "vae"\nsteps = 2\n')
     assert main([str(cfg), "--set", "nope=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_ema_decay_warms_up():
+    from glimage.train.loop import ema_decay
+    assert ema_decay(0.999, 1) == pytest.approx(2 / 11)  # early EMA follows the weights closely
+    assert ema_decay(0.999, 100) == pytest.approx(101 / 110)
+    assert ema_decay(0.999, 10**6) == 0.999 and ema_decay(0.5, 30) == 0.5

@@ -372,3 +372,19 @@ def test_recipes_run_through_the_training_loop(tmp_path):
         lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in lines] == [1, 2] and all(np.isfinite(x["loss"]) for x in lines)
     generate(base)
+
+
+def test_vae_color_augment_greys_some_samples_deterministically():
+    from glimage.train.config import TrainConfig
+    from glimage.train.stages.vae import color_augment
+    x = torch.rand(16, 3, 8, 8) * 2 - 1
+    gens = lambda: [torch.Generator().manual_seed(s) for s in range(16)]  # noqa: E731
+    a, b = color_augment(x, gens()), color_augment(x, gens())
+    assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1
+    same = [torch.equal(a[i], x[i]) for i in range(16)]
+    grey = [torch.equal(a[i, 0], a[i, 1]) and torch.equal(a[i, 1], a[i, 2]) for i in range(16)]
+    assert all(s or g for s, g in zip(same, grey)) and 0 < sum(grey) < 16
+    with pytest.raises(ValueError, match="color_aug"):
+        TrainConfig(stage="ar", color_aug=True)
+    with pytest.raises(ValueError, match="needs a base"):
+        TrainConfig(stage="vae", freeze_encoder=True)

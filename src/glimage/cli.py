@@ -17,10 +17,8 @@ def _generate(args) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"output {str(out)!r} must end in .png, .jpg, .jpeg or .webp")
-    if args.model is None:
-        raise ValueError("no model given: pass --model PATH (an official GLM-Image folder) or --model random:PRESET")
     t0 = time.perf_counter()
-    if args.model.startswith("random:"):  # any preset with random weights: smoke tests and benchmarks
+    if args.model and args.model.startswith("random:"):  # any preset with random weights: smoke tests and benchmarks
         pipe = GlmImagePipeline.from_config(args.model[len("random:"):], seed=0, device=args.device, dtype=args.dtype)
     else:
         pipe = GlmImagePipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
@@ -111,13 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text-to-image or image-to-image")
     g.add_argument("prompt")
-    g.add_argument("--model", default=None, help="GLM-Image folder (official layout), or random:PRESET (e.g. random:tiny)")
+    g.add_argument("--model", default=None, help="GLM-Image folder (official layout), or random:PRESET (e.g. "
+                   "random:tiny); default: the small model shipped in the package")
     g.add_argument("-o", "--output", default="out.png")
     g.add_argument("--image", action="append", help="source image for editing (repeat for several)")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=1.5)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, officially 50)")
+    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, officially 1.5)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--device", default=None, help="cpu, cuda, npu, mps (default: best available)")
@@ -137,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="automatic evaluation")
     esub = e.add_subparsers(dest="eval_command", required=True)
     es = esub.add_parser("shapes", help="score a model on the fixed seeded shapes prompt set (objects + OCR)")
-    es.add_argument("--model", required=True)
+    es.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     es.add_argument("--n-per-category", type=int, default=8)
     es.add_argument("--seed", type=int, default=0)
-    es.add_argument("--steps", type=int, default=50)
-    es.add_argument("--guidance", type=float, default=1.5)
+    es.add_argument("--steps", type=int, default=None, help="default: the model's")
+    es.add_argument("--guidance", type=float, default=None, help="default: the model's")
     es.add_argument("--out", default=None, help="write samples.png, table.md, results.jsonl here")
     es.add_argument("--device", default=None)
     es.add_argument("--dtype", default=None)

@@ -230,9 +230,32 @@ TINY = GlmImageConfig(
                   latents_mean=(0.1, -0.2, 0.3, -0.4), latents_std=(1.5, 2.0, 2.5, 3.0)),
 )
 
+# The shipped default model (trained from scratch on the `shapes` set by the shapes-* recipes): the official
+# structure at 128 px scale. Geometry: VAE x4 (3 levels) and DiT patch 2 give a 16x16 DiT grid, so the large
+# VQ grid is 8x8 (grid_factor 16 = ViT patch 16) and the prior upsamples x2 to the DiT grid as officially;
+# a 4x4 preview. Compact id layout (codebook 1024, then image start/end, text bytes, specials): the embedding
+# has 1292 rows instead of 168064.
+SHAPES = GlmImageConfig(
+    ar=ARConfig(
+        text=TextConfig(vocab_size=1292, vision_vocab_size=1032, hidden_size=256, intermediate_size=640,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6),
+                        max_position_embeddings=1024, pad_token_id=1291, eos_token_id=1025),
+        vision=VisionConfig(depth=4, hidden_size=128, num_heads=4, intermediate_size=256, image_size=256),
+        vq=VQConfig(embed_dim=64, num_embeddings=1024, latent_channels=128),
+        image_token_id=1290, image_start_token_id=1024, image_end_token_id=1025, text_token_offset=1032,
+        grid_bos_token_id=1288, grid_eos_token_id=1289, grid_factor=16, preview_side=4,
+        source_min_pixels=64 * 64, source_max_pixels=256 * 256,
+    ),
+    glyph=GlyphConfig(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, max_length=64),
+    dit=DiTConfig(in_channels=8, out_channels=8, num_layers=6, attention_head_dim=32, num_attention_heads=4,
+                  text_embed_dim=64, time_embed_dim=128, condition_dim=32, prior_vq_quantizer_codebook_size=1024),
+    vae=VAEConfig(latent_channels=8, block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8),
+)
+
 PRESETS: dict[str, GlmImageConfig] = {
     "glm-image": GlmImageConfig(),
     "tiny": TINY,
+    "shapes": SHAPES,
 }
 
 

@@ -36,6 +36,11 @@ from .models.vae import AutoencoderKL
 from .prior import Prior, normalize_images, run_prior
 from .prompt import GlmTokenizer
 
+# The shipped default model (preset `shapes`, trained by scripts/train_shapes.sh): used when no model is named.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes"
+# Generation defaults of the official model; a folder's glimage.json may override them (the shipped model does).
+CALL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 1.5}
+
 COMPONENTS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
 
@@ -96,6 +101,7 @@ class GlmImagePipeline:
         self.device, self.dtype = device, dtype
         self.progress = True
         self.offload = False  # components live on the CPU and visit the accelerator only while they run
+        self.defaults: dict = {}  # a folder's glimage.json: height, width, num_inference_steps, guidance_scale
 
     # -- construction
 
@@ -105,10 +111,16 @@ class GlmImagePipeline:
                               scheduler=self.scheduler)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None,
+    def from_pretrained(cls, path: str | os.PathLike | None = None, device=None, dtype=None,
                         offload: bool = False) -> "GlmImagePipeline":
-        """Read an official GLM-Image folder. offload=True keeps the weights in CPU memory and moves each
-        component to the accelerator only while it runs (the 10 B AR and 7 B DiT are never resident together)."""
+        """Read an official GLM-Image folder; no path = the small model shipped in the package (offline).
+        offload=True keeps the weights in CPU memory and moves each component to the accelerator only while it
+        runs (the 10 B AR and 7 B DiT are never resident together)."""
+        if path is None:
+            if not (DEFAULT_MODEL / "vision_language_encoder").is_dir():
+                raise FileNotFoundError(f"the default model is missing from the package ({DEFAULT_MODEL}); "
+                                        "train it with scripts/train_shapes.sh or name a model folder")
+            path = DEFAULT_MODEL
         path = Path(path)
         if not (path / "vision_language_encoder").is_dir():
             raise FileNotFoundError(f"{path} is not a GLM-Image folder (no vision_language_encoder/)")
@@ -120,6 +132,8 @@ class GlmImagePipeline:
                    load_vae(path / "vae", load_to, dtype),
                    scheduler_from_official(read_json(path / "scheduler" / "scheduler_config.json")), device, dtype)
         pipe.offload = offload
+        if (path / "glimage.json").is_file():
+            pipe.defaults = read_json(path / "glimage.json")
         for component in ("vision_language_encoder", "transformer"):  # adapters exported unmerged by training
             if (path / component / "lora.json").is_file():
                 pipe.load_lora_weights(path / component, component)
@@ -160,6 +174,8 @@ class GlmImagePipeline:
         save_dit(self.dit, path / "transformer")
         save_vae(self.vae, path / "vae")
         write_json(path / "scheduler" / "scheduler_config.json", scheduler_to_official(self.scheduler))
+        if self.defaults:
+            write_json(path / "glimage.json", self.defaults)
         write_json(path / "model_index.json", {
             "_class_name": "GlmImagePipeline", "_diffusers_version": "0.42.1",
             "processor": ["transformers", "GlmImageProcessor"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -235,7 +251,8 @@ class GlmImagePipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], image=None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 1.5, generator=None, seed: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None, generator=None,
+                 seed: int | None = None,
                  num_images_per_prompt: int = 1, latents: torch.Tensor | None = None, output_type: str = "pil",
                  callback_on_step_end=None) -> GlmImageOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -243,6 +260,11 @@ class GlmImagePipeline:
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
         if generator is not None and seed is not None:
             raise ValueError("give either generator or seed, not both")
+        # unset arguments: the model folder's defaults (glimage.json), then the official ones
+        if num_inference_steps is None:
+            num_inference_steps = self.defaults.get("num_inference_steps", CALL_DEFAULTS["num_inference_steps"])
+        if guidance_scale is None:
+            guidance_scale = self.defaults.get("guidance_scale", CALL_DEFAULTS["guidance_scale"])
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
         if not guidance_scale >= 0:
@@ -255,7 +277,8 @@ class GlmImagePipeline:
         if images:
             images = [[load_image(im) for im in row] for row in images]  # fail early on unreadable files
         if height is None or width is None:
-            dh, dw = self._default_size(images)
+            dh, dw = (self.defaults["height"], self.defaults["width"]) if "height" in self.defaults and not images \
+                else self._default_size(images)
             height, width = height or dh, width or dw
         get_schedule(num_inference_steps, height, width, self.scheduler)  # validates before the AR runs
         if generator is None:

@@ -62,6 +62,8 @@ class TrainConfig:
     # stage specific
     cond_drop: float = 0.1  # decoder: probability of dropping prior tokens + glyphs (classifier-free guidance)
     kl_weight: float = 1e-6  # vae
+    color_aug: bool = False  # vae: a third of the samples in random grey levels (see stages/vae.py)
+    freeze_encoder: bool = False  # vae: train the decoder only; latents and their statistics stay the base's
     commit_weight: float = 0.25  # tokenizer: VQ commitment loss weight (beta)
     lora_rank: int = 0  # > 0: LoRA fine-tuning of the stage's transformer from `base`
     lora_alpha: float = 16.0
@@ -76,6 +78,11 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
+        for key in ("color_aug", "freeze_encoder"):
+            if getattr(self, key) and self.stage != "vae":
+                raise ValueError(f"{key}=true is for the vae stage only (stage={self.stage!r})")
+        if self.freeze_encoder and not self.base:
+            raise ValueError("freeze_encoder=true needs a base folder whose VAE encoder to keep")
 
 
 def _read(path: Path) -> dict:

@@ -160,6 +160,12 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kw)
 
 
+def ema_decay(decay: float, step: int) -> float:
+    """EMA decay at optimizer step `step` (1-based), warmed up as diffusers' EMAModel: (1 + t) / (10 + t) caps it
+    early on, so a short run's export is not still weighted towards the random init (0.999^2000 = 13.5%)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def _full_state(model: nn.Module, ema: dict, main: bool) -> dict | None:
     """Collective: the unsharded state dict on rank 0 (CPU), EMA weights in place of the trained ones."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -293,7 +299,7 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
                 if ema:
                     with torch.no_grad():
                         torch._foreach_lerp_([_local(e) for e, _ in ema_pairs],
-                                             [_local(p).float() for _, p in ema_pairs], 1.0 - cfg.ema)
+                                             [_local(p).float() for _, p in ema_pairs], 1.0 - ema_decay(cfg.ema, step))
             opt.zero_grad(set_to_none=True)
 
             synchronize(device)

@@ -31,6 +31,23 @@ STAT_IMAGES = 64
 INIT_LOGVAR = -6.0  # posterior std e^-3 ~ 0.05 at the start of training from scratch
 
 
+def color_augment(x: torch.Tensor, generators: list[torch.Generator], p: float = 1 / 3) -> torch.Tensor:
+    """Per sample, with probability p: the image in grey levels, darkened by a random factor in [0.1, 1].
+
+    Why: a palette dataset leaves the neutral axis nearly unseen (the shapes set: a white background, six
+    saturated hues, and the signs' thin dark strokes), and an autoencoder trained on it decodes the rare
+    neutral darks as the nearest frequent hue (black text came back orange, the grey post blue). Grey copies
+    cover the axis from black to white over whole-image areas without adding hues (x in [-1, 1])."""
+    out = []
+    for xi, g in zip(x, generators):
+        u = torch.rand(2, generator=g)
+        if u[0] < p:
+            luma = (0.299 * xi[0] + 0.587 * xi[1] + 0.114 * xi[2] + 1) / 2  # (H, W) in [0, 1]
+            xi = (luma * (0.1 + 0.9 * float(u[1])) * 2 - 1).expand_as(xi)
+        out.append(xi)
+    return torch.stack(out)
+
+
 class TrainableVAE(AutoencoderKL):
     """AutoencoderKL with one forward for training: FSDP2 gathers a module's parameters around `forward`
     only, so encode and decode run inside it. Same state dict as AutoencoderKL."""
@@ -57,11 +74,18 @@ class VAEStage(StageBase):
         self.device, self.dtype = torch.device(device), dtype  # nothing frozen
 
     def build(self) -> nn.Module:
+        if self.cfg.freeze_encoder and self.model_cfg.vae != self.base_cfg.vae:
+            raise ValueError("freeze_encoder=true needs the base's VAE architecture (model overrides change it)")
         if self.cfg.base and self.model_cfg.vae == self.base_cfg.vae:
             folder = Path(self.cfg.base) / "vae"
             with torch.device("meta"):
                 model = TrainableVAE(self.model_cfg.vae)
-            return load_strict(model, read_state_dict(folder), what=f"VAE checkpoint {folder}").train()
+            model = load_strict(model, read_state_dict(folder), what=f"VAE checkpoint {folder}").train()
+            if self.cfg.freeze_encoder:
+                # Decoder-only fine-tuning (as Stable Diffusion's ft-MSE VAE): latents are unchanged, so a DiT
+                # trained on the base's latents decodes with the result.
+                model.encoder.requires_grad_(False)
+            return model
         model = seeded_init(lambda: TrainableVAE(self.model_cfg.vae), self.cfg.seed)
         with torch.no_grad():
             # From scratch the posterior starts at std ~1, which drowns the young encoder's signal: the decoder
@@ -80,7 +104,10 @@ class VAEStage(StageBase):
         if batch["images"] is None:
             return empty_output(model)
         x = batch["images"].to(self.device, self.dtype)
-        recon, posterior = model(x, sample_generators(batch, generator, x.shape[0]))  # per-sample noise
+        gens = sample_generators(batch, generator, x.shape[0])  # per-sample noise (and augmentation)
+        if self.cfg.color_aug:
+            x = color_augment(x, gens)
+        recon, posterior = model(x, gens)
         loss, count, metrics = vae_loss(x, recon, posterior, self.cfg.kl_weight)
         return StepOutput(loss, count, metrics)
 
@@ -103,7 +130,10 @@ class VAEStage(StageBase):
 
     def export(self, model: AutoencoderKL, out_dir: str) -> None:
         model = model.eval()
-        mean, std = self.latent_stats(model)
+        if self.cfg.freeze_encoder:  # same encoder: keep the statistics the DiT was trained with
+            mean, std = self.base_cfg.vae.latents_mean, self.base_cfg.vae.latents_std
+        else:
+            mean, std = self.latent_stats(model)
         vae_cfg = dataclasses.replace(model.cfg, latents_mean=tuple(mean), latents_std=tuple(std))
         with torch.device("meta"):  # same weights, new statistics (save_vae writes model.cfg)
             out = AutoencoderKL(vae_cfg)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Trains the shipped default model (preset `shapes`) from scratch with the shapes-* recipes (vae, vae-colour,
+# tokenizer, ar, decoder, vae-decoder), one stage after
+# another, then assembles and stores it where the package looks for it (src/glimage/assets/shapes).
+# Rerunning resumes every stage from its last checkpoint (a finished stage with an export is skipped).
+# The AR and the decoder both start from the tokenizer's export and need nothing from each other, so they
+# train concurrently, one thread each (two busy threads on two cores; set PARALLEL=0 to run them in turn);
+# the VAE decoder fine-tune (encoder frozen, so the DiT's latents stay valid) follows the AR on its core.
+# Per-stage wall times go to runs/shapes-times.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-src/glimage/assets/shapes}
+mkdir -p runs
+times=runs/shapes-times.txt
+: > "$times"
+stage() {  # stage NAME [glimage train args...]
+  local name=$1; shift
+  local t0=$SECONDS
+  glimage train "shapes-$name" "$@" > "runs/shapes-$name.log" 2>&1 || { tail -20 "runs/shapes-$name.log"; return 1; }
+  echo "$name $((SECONDS - t0)) s" | tee -a "$times"
+}
+stage vae
+stage vae-colour
+stage tokenizer
+if [ "${PARALLEL:-1}" = 1 ]; then
+  OMP_NUM_THREADS=1 stage decoder & dec=$!
+  OMP_NUM_THREADS=1 stage ar && OMP_NUM_THREADS=1 stage vae-decoder
+  wait $dec
+else
+  stage ar
+  stage decoder
+  stage vae-decoder
+fi
+python -m glimage.train.ship --ar runs/shapes-ar/export --decoder runs/shapes-decoder/export \
+  --vae runs/shapes-vae-decoder/export --out "$OUT" \
+  --dtype float16 --defaults height=128 width=128 num_inference_steps=20 guidance_scale=2.0
+echo "total $SECONDS s" | tee -a "$times"

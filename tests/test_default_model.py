@@ -1,0 +1,128 @@
+"""The shipped default model (preset `shapes`, package assets) and the tools that assemble and ship it."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glimage.checkpoint import tensor_headers
+from glimage.config import PRESETS
+from glimage.eval.shapes import check
+from glimage.pipeline import DEFAULT_MODEL, GlmImagePipeline
+from glimage.train.ship import assemble, cast_folder, write_defaults
+
+
+@pytest.fixture(scope="module")
+def default_pipe():
+    pipe = GlmImagePipeline.from_pretrained(device="cpu")  # no path: the shipped model
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_model_is_small_and_loads_strictly(default_pipe):
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20, f"shipped model is {size / 2**20:.1f} MiB"
+    cfg, want = default_pipe.config, PRESETS["shapes"]
+    # the architecture is the preset's (the VAE's latent statistics are measured at training)
+    assert (cfg.ar, cfg.glyph, cfg.dit, cfg.scheduler) == (want.ar, want.glyph, want.dit, want.scheduler)
+    assert cfg.vae.block_out_channels == want.vae.block_out_channels and cfg.vae.latents_std is not None
+    # every stored tensor is used and every parameter stored: from_pretrained loads strictly, and the headers
+    # agree with the modules one to one (half precision on disk, float32 in memory on the CPU)
+    stored = tensor_headers(DEFAULT_MODEL / "transformer")
+    assert set(stored) == set(default_pipe.dit.state_dict())
+    assert {dtype for _, dtype in stored.values()} == {"F16"}
+    assert next(default_pipe.dit.parameters()).dtype == torch.float32
+    assert default_pipe.defaults == {"height": 128, "width": 128, "num_inference_steps": 20,
+                                     "guidance_scale": 2.0}
+
+
+# (prompt, seed): a handful of fixed prompts the shipped model draws correctly (checked by the eval checker)
+PROMPTS = [
+    ({"template": "single", "objects": [{"color": "red", "shape": "circle"}], "position": None}, 0),
+    ({"template": "single", "objects": [{"color": "blue", "shape": "square"}], "position": None}, 1),
+    ({"template": "left_right", "objects": [{"color": "orange", "shape": "triangle"}], "position": "left"}, 2),
+    ({"template": "top_bottom", "objects": [{"color": "purple", "shape": "circle"}], "position": "bottom"}, 3),
+]
+
+
+def _prompt(spec: dict) -> str:
+    o = spec["objects"][0]
+    text = f"a {o['color']} {o['shape']}"
+    if spec["template"] == "left_right":
+        text += f" on the {spec['position']}"
+    elif spec["template"] == "top_bottom":
+        text += f" at the {spec['position']}"
+    return text
+
+
+@pytest.mark.parametrize("spec,seed", PROMPTS, ids=[_prompt(s) for s, _ in PROMPTS])
+def test_shipped_model_draws_the_prompt(default_pipe, spec, seed):
+    image = default_pipe(_prompt(spec), seed=seed).images[0]  # the folder's defaults: 128 px, 20 steps
+    assert image.size == (128, 128)
+    ok, details = check(image, spec)
+    assert ok, details
+
+
+def test_cli_generate_uses_the_default_model(tmp_path):
+    out = tmp_path / "out.png"
+    r = subprocess.run([sys.executable, "-m", "glimage.cli", "generate", "a red circle", "-o", str(out), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+    ok, details = check(Image.open(out).convert("RGB"), PROMPTS[0][0])
+    assert ok, details
+
+
+def _export(tmp_path, name, seed):
+    pipe = GlmImagePipeline.from_config("tiny", seed=seed, device="cpu")
+    pipe.save_pretrained(tmp_path / name)
+    return pipe
+
+
+def test_assemble_takes_the_ar_from_one_export_and_the_rest_from_the_other(tmp_path):
+    a = _export(tmp_path, "ar", 0)
+    d = _export(tmp_path, "dec", 1)
+    d.ar.visual.load_state_dict(a.ar.visual.state_dict())  # same tokenizer, different LM / DiT
+    d.ar.vqmodel.load_state_dict(a.ar.vqmodel.state_dict())
+    d.save_pretrained(tmp_path / "dec")
+    out = assemble(tmp_path / "ar", tmp_path / "dec", tmp_path / "model")
+    got = GlmImagePipeline.from_pretrained(out, device="cpu")
+    for x, y in zip(got.ar.state_dict().values(), a.ar.state_dict().values()):
+        assert torch.equal(x, y)
+    for x, y in zip(got.dit.state_dict().values(), d.dit.state_dict().values()):
+        assert torch.equal(x, y)
+
+    cast_folder(out, torch.float16)
+    assert {dt for _, dt in tensor_headers(out / "transformer").values()} == {"F16"}
+    half = GlmImagePipeline.from_pretrained(out, device="cpu")
+    w = d.dit.proj_out.weight
+    assert torch.equal(half.dit.proj_out.weight, w.half().float())
+
+    write_defaults(out, ["height=64", "width=64", "num_inference_steps=2", "guidance_scale=1.0"])
+    half = GlmImagePipeline.from_pretrained(out, device="cpu")
+    half.set_progress_bar_config(disable=True)
+    res = half("a red circle", seed=0, output_type="np")
+    assert res.images.shape[1:3] == (64, 64)
+    explicit = half("a red circle", seed=0, output_type="np", height=64, width=64, num_inference_steps=2,
+                    guidance_scale=1.0)
+    assert (res.images == explicit.images).all()
+    with pytest.raises(ValueError, match="unknown default 'steps'"):
+        write_defaults(out, ["steps=3"])
+    # a VAE whose decoder alone was fine-tuned replaces the decoder export's; any other VAE is refused
+    d.vae.decoder.conv_out.bias.data += 1
+    d.save_pretrained(tmp_path / "vae_ft")
+    out = assemble(tmp_path / "ar", tmp_path / "dec", tmp_path / "model", vae=tmp_path / "vae_ft")
+    got = GlmImagePipeline.from_pretrained(out, device="cpu")
+    assert torch.equal(got.vae.decoder.conv_out.bias, d.vae.decoder.conv_out.bias)
+    d.vae.encoder.conv_in.bias.data += 1
+    d.save_pretrained(tmp_path / "vae_other")
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        assemble(tmp_path / "ar", tmp_path / "dec", tmp_path / "model", vae=tmp_path / "vae_other")
+
+
+def test_assemble_refuses_exports_of_different_tokenizers(tmp_path):
+    _export(tmp_path, "ar", 0)
+    _export(tmp_path, "dec", 1)
+    with pytest.raises(ValueError, match="different VQ tokenizers"):
+        assemble(tmp_path / "ar", tmp_path / "dec", tmp_path / "model")
