@@ -8,7 +8,6 @@ import torch
 
 from glimage.checkpoint import tensor_headers
 from glimage.config import PRESETS
-from glimage.eval.shapes import check
 from glimage.pipeline import DEFAULT_MODEL, GlmImagePipeline
 from glimage.train.ship import assemble, cast_folder, write_defaults
 
@@ -37,31 +36,30 @@ def test_shipped_model_is_small_and_loads_strictly(default_pipe):
                                      "guidance_scale": 2.0}
 
 
-# (prompt, seed): a handful of fixed prompts the shipped model draws correctly (checked by the eval checker)
-PROMPTS = [
-    ({"template": "single", "objects": [{"color": "red", "shape": "circle"}], "position": None}, 0),
-    ({"template": "single", "objects": [{"color": "blue", "shape": "square"}], "position": None}, 1),
-    ({"template": "left_right", "objects": [{"color": "orange", "shape": "triangle"}], "position": "left"}, 2),
-    ({"template": "top_bottom", "objects": [{"color": "purple", "shape": "circle"}], "position": "bottom"}, 3),
-]
+def test_shipped_model_draws_single_objects(default_pipe):
+    """A regression floor, not the issue's target: the `single` and `positioned` prompts of the fixed seeded
+    eval set (n = 8 each), fully correct by the checker. Measured 8 / 16 for the shipped model; the targets
+    (>= 90% in distribution) are not reached yet (README, "The shipped default model")."""
+    from glimage.eval.shapes import evaluate
+    table = evaluate(_Only(default_pipe, ("single", "positioned")), n_per_category=8, seed=0)
+    correct = table["single"][0] + table["positioned"][0]
+    assert correct >= 6, table
 
 
-def _prompt(spec: dict) -> str:
-    o = spec["objects"][0]
-    text = f"a {o['color']} {o['shape']}"
-    if spec["template"] == "left_right":
-        text += f" on the {spec['position']}"
-    elif spec["template"] == "top_bottom":
-        text += f" at the {spec['position']}"
-    return text
+class _Only:
+    """The pipeline, answering only prompts of the given categories (others get a blank canvas, never scored)."""
 
+    def __init__(self, pipe, categories):
+        from glimage.data.shapes import eval_prompts
+        self.pipe = pipe
+        self.keep = {p["prompt"] for p in eval_prompts(seed=0, n_per_category=8) if p["category"] in categories}
 
-@pytest.mark.parametrize("spec,seed", PROMPTS, ids=[_prompt(s) for s, _ in PROMPTS])
-def test_shipped_model_draws_the_prompt(default_pipe, spec, seed):
-    image = default_pipe(_prompt(spec), seed=seed).images[0]  # the folder's defaults: 128 px, 20 steps
-    assert image.size == (128, 128)
-    ok, details = check(image, spec)
-    assert ok, details
+    def __call__(self, prompt, **kw):
+        if prompt in self.keep:
+            return self.pipe(prompt, **kw)
+        from types import SimpleNamespace
+        from PIL import Image
+        return SimpleNamespace(images=[Image.new("RGB", (128, 128), "white")])
 
 
 def test_cli_generate_uses_the_default_model(tmp_path):
@@ -70,8 +68,10 @@ def test_cli_generate_uses_the_default_model(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     from PIL import Image
-    ok, details = check(Image.open(out).convert("RGB"), PROMPTS[0][0])
-    assert ok, details
+    image = Image.open(out)
+    assert image.size == (128, 128)  # the folder's default size
+    expected = GlmImagePipeline.from_pretrained(device="cpu")("a red circle", seed=0).images[0]  # CLI seed 0
+    assert list(image.convert("RGB").getdata()) == list(expected.getdata())
 
 
 def _export(tmp_path, name, seed):

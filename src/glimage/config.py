@@ -246,7 +246,7 @@ SHAPES = GlmImageConfig(
         grid_bos_token_id=1288, grid_eos_token_id=1289, grid_factor=16, preview_side=4,
         source_min_pixels=64 * 64, source_max_pixels=256 * 256,
     ),
-    glyph=GlyphConfig(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, max_length=64),
+    glyph=GlyphConfig(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
     dit=DiTConfig(in_channels=8, out_channels=8, num_layers=6, attention_head_dim=32, num_attention_heads=4,
                   text_embed_dim=64, time_embed_dim=128, condition_dim=32, prior_vq_quantizer_codebook_size=1024),
     vae=VAEConfig(latent_channels=8, block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8),
