@@ -6,6 +6,8 @@
 # The AR and the decoder both start from the tokenizer's export and need nothing from each other, so they
 # train concurrently, one thread each (two busy threads on two cores; set PARALLEL=0 to run them in turn);
 # the VAE decoder fine-tune (encoder frozen, so the DiT's latents stay valid) follows the AR on its core.
+# The decoder's first leg stops at DECODER_SPLIT (about when the AR and the VAE fine-tune end on this 2-core
+# CPU; `stop_at` keeps the learning-rate schedule of the whole run), and its second leg gets both cores.
 # Per-stage wall times go to runs/shapes-times.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,16 +18,17 @@ times=runs/shapes-times.txt
 stage() {  # stage NAME [glimage train args...]
   local name=$1; shift
   local t0=$SECONDS
-  glimage train "shapes-$name" "$@" > "runs/shapes-$name.log" 2>&1 || { tail -20 "runs/shapes-$name.log"; return 1; }
-  echo "$name $((SECONDS - t0)) s" | tee -a "$times"
+  glimage train "shapes-$name" "$@" >> "runs/shapes-$name.log" 2>&1 || { tail -20 "runs/shapes-$name.log"; return 1; }
+  echo "$name $* $((SECONDS - t0)) s" | tee -a "$times"
 }
 stage vae
 stage vae-colour
 stage tokenizer
 if [ "${PARALLEL:-1}" = 1 ]; then
-  OMP_NUM_THREADS=1 stage decoder & dec=$!
+  OMP_NUM_THREADS=1 stage decoder --set stop_at="${DECODER_SPLIT:-2900}" & dec=$!
   OMP_NUM_THREADS=1 stage ar && OMP_NUM_THREADS=1 stage vae-decoder
   wait $dec
+  stage decoder
 else
   stage ar
   stage decoder

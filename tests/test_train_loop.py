@@ -386,3 +386,15 @@ def test_ema_decay_warms_up():
     assert ema_decay(0.999, 1) == pytest.approx(2 / 11)  # early EMA follows the weights closely
     assert ema_decay(0.999, 100) == pytest.approx(101 / 110)
     assert ema_decay(0.999, 10**6) == 0.999 and ema_decay(0.5, 30) == 0.5
+
+
+def test_stop_at_then_rerun_is_the_uninterrupted_run(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    first = run_toy(dict(out=str(out), ema=0.9, stop_at=3))  # in process: same code path as a rerun
+    assert first == str(out / "ckpt") and not (out / "export").exists()
+    assert (out / "ckpt" / "latest").read_text().strip() == "step_000003"  # checkpointed at the stop
+    assert [r["lr"] for r in metrics(out)] == [r["lr"] for r in metrics(uninterrupted)][:3]  # schedule of `steps`
+    run_toy(dict(out=str(out), ema=0.9))
+    _assert_same_run(out, uninterrupted, tmp_path)
+    with pytest.raises(ValueError, match=r"stop_at=7 must be in \[0, steps=6\]"):
+        toy_config(out, stop_at=7)

@@ -30,6 +30,8 @@ class TrainConfig:
     base: str = ""  # GLM-Image folder giving initial weights of the trained part and the frozen parts; "" = random
     out: str = "runs/default"
     steps: int = 100  # optimizer steps
+    stop_at: int = 0  # > 0: end this run after that step (checkpointed, no export); the schedule still spans
+    # `steps`, and rerunning without it finishes the run -- e.g. to change threads or machines mid-run
     seed: int = 0
     # optimisation
     batch_size: int = 16  # global batch: all ranks and accumulation steps together
@@ -74,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"stage={self.stage!r} must be one of {STAGES}")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
+        if not 0 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at={self.stop_at} must be in [0, steps={self.steps}] (0 = run to the end)")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

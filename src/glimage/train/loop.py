@@ -204,7 +204,7 @@ def _export(stage, fresh: nn.Module, out: Path) -> Path:
 
 def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
     """Train `cfg.stage` for cfg.steps optimizer steps (resuming from <out>/ckpt if present); returns the
-    export folder. `stage` (a Stage) and `plan` (a factory (dataset, batch_size, seed) -> obj with
+    export folder (or, when cfg.stop_at ends the run early, the checkpoint folder). `stage` (a Stage) and `plan` (a factory (dataset, batch_size, seed) -> obj with
     .indices(step)) default to glimage.train.stages.make_stage(cfg) and glimage.train.data.BatchPlan."""
     d = D.init(cfg.device)
     log = None
@@ -252,7 +252,8 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
         log = RunLog(out, d.is_main, start, cfg.steps, cfg.tensorboard, cfg.log_every)
         it = iter(loader)
-        for i in range(start, cfg.steps):
+        end = cfg.stop_at or cfg.steps
+        for i in range(start, end):
             step = i + 1
             t0 = time.perf_counter()
             lr = lr_at(i, cfg)
@@ -312,7 +313,7 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
             rec.update({k: sums[2 + j] / count if count else math.nan for j, k in enumerate(keys)})
             log.step(rec)
 
-            if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == end:
                 ckpt.save(step, train_state(model, opt, ema),
                           {"step": step, "skipped": dict(skipped_total), "world_size": W})
             if cfg.sample_every > 0 and step % cfg.sample_every == 0 and step < cfg.steps:
@@ -322,6 +323,8 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
                 D.barrier(d)
             fault("after_step", step)
         del it, loader
+        if end < cfg.steps:
+            return str(out / "ckpt")
 
         final = out / "export"
         if start < cfg.steps or not final.is_dir():
