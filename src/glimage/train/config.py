@@ -31,7 +31,7 @@ class TrainConfig:
     out: str = "runs/default"
     steps: int = 100  # optimizer steps
     stop_at: int = 0  # > 0: end this run after that step (checkpointed, no export); the schedule still spans
-    # `steps`, and rerunning without it finishes the run -- e.g. to change threads or machines mid-run
+    # `steps`, and rerunning without it finishes the run (e.g. with more threads)
     seed: int = 0
     # optimisation
     batch_size: int = 16  # global batch: all ranks and accumulation steps together
