@@ -1,0 +1,88 @@
+"""Where a shapes model loses accuracy (the measurements quoted in the README's default-model section).
+
+  python scripts/shapes_diagnostics.py [MODEL] [--n 40]
+
+gt-prior: DiT + VAE alone -- the tokenizer's ids of the eval split's own images replace the AR's tokens, and
+          the checker scores the images, per template (an upper bound the AR cannot beat).
+purity:   how well the tokenizer's codes keep colour -- over 16 px patches of training images that hold part of
+          an object (>= 20 non-white pixels), how often a patch's palette colour is its code's most common one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+
+from glimage.data.shapes import COLORS, render_sample
+from glimage.eval.shapes import check
+from glimage.pipeline import GlmImagePipeline
+from glimage.prior import Prior, upsample_ids
+from glimage.train.stages.common import normalize_pil
+
+
+def vq_ids(pipe, image) -> torch.Tensor:
+    """(gh, gw) tokenizer ids of a 128 px image, with the pipeline's own preprocessing."""
+    px = normalize_pil(image, 128, 128)[None]
+    ids, _, _ = pipe.ar.vqmodel.encode(pipe.ar.visual(px))
+    side = 128 // pipe.ar.cfg.grid_factor
+    return ids.reshape(side, side)
+
+
+@torch.no_grad()
+def gt_prior(pipe, n: int) -> dict[str, list[int]]:
+    scores: dict[str, list[int]] = {}
+    for i in range(n):
+        image, rec = render_sample("eval", 0, i)
+        ids = vq_ids(pipe, image)
+        gh, gw = ids.shape
+        prior = Prior(upsample_ids(ids.reshape(1, -1), gh, gw), (gh, gw), ids.reshape(1, -1), None, None)
+        pipe._prior = lambda *a, **k: prior  # the DiT gets the ground truth's ids instead of the AR's
+        ok, _ = check(pipe(rec["text"], seed=i).images[0], rec)
+        s = scores.setdefault(rec["template"], [0, 0])
+        s[0], s[1] = s[0] + ok, s[1] + 1
+    del pipe._prior
+    return scores
+
+
+@torch.no_grad()
+def purity(pipe, n: int) -> tuple[float, int]:
+    palette, names = np.array(list(COLORS.values())), list(COLORS)
+    stats: dict[int, Counter] = defaultdict(Counter)
+    used = set()
+    for i in range(n):
+        image, rec = render_sample("train", 0, i)
+        if rec["template"] == "sign":
+            continue
+        a = np.asarray(image).astype(int)
+        ids = vq_ids(pipe, image).numpy()
+        p = 128 // ids.shape[0]
+        for y, x in np.ndindex(*ids.shape):
+            used.add(int(ids[y, x]))
+            patch = a[y * p:(y + 1) * p, x * p:(x + 1) * p].reshape(-1, 3)
+            fg = patch[(patch != 255).any(1)]
+            if len(fg) >= 20:
+                nearest = ((fg[:, None] - palette[None]) ** 2).sum(-1).argmin(1)
+                stats[int(ids[y, x])][names[np.bincount(nearest, minlength=len(names)).argmax()]] += 1
+    total = sum(sum(c.values()) for c in stats.values())
+    return sum(max(c.values()) for c in stats.values()) / total, len(used)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped model)")
+    ap.add_argument("--n", type=int, default=40, help="eval images for gt-prior (purity reads 300 training images)")
+    args = ap.parse_args()
+    pipe = GlmImagePipeline.from_pretrained(args.model, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    scores = gt_prior(pipe, args.n)
+    print("gt-prior:", {k: f"{a}/{b}" for k, (a, b) in scores.items()},
+          f"total {sum(a for a, _ in scores.values())}/{args.n}")
+    share, used = purity(pipe, 300)
+    print(f"purity: {share:.1%} of object patches have their code's most common colour; {used} codes used")
+
+
+if __name__ == "__main__":
+    main()
