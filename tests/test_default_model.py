@@ -51,7 +51,7 @@ def test_shipped_model_draws_single_objects(default_pipe):
     assert correct >= 12, correct
 
 
-def test_readme_first_command_draws_a_correct_image(tmp_path):
+def test_readme_first_command_draws_a_correct_image(tmp_path, default_pipe):
     """The README's first command (default model, CLI seed 0) writes the API's image, and the checker
     finds exactly what its prompt asks for."""
     from pathlib import Path
@@ -70,7 +70,7 @@ def test_readme_first_command_draws_a_correct_image(tmp_path):
     assert r.returncode == 0, r.stderr
     image = Image.open(out).convert("RGB")
     assert image.size == (128, 128)  # the folder's default size
-    expected = GlmImagePipeline.from_pretrained(device="cpu")(prompt, seed=0).images[0]  # CLI seed 0
+    expected = default_pipe(prompt, seed=0).images[0]  # CLI seed 0
     assert np.array_equal(np.asarray(image), np.asarray(expected))
     ok, detail = check(image, spec)
     assert ok, detail

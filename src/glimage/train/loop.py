@@ -204,8 +204,9 @@ def _export(stage, fresh: nn.Module, out: Path) -> Path:
 
 def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
     """Train `cfg.stage` for cfg.steps optimizer steps (resuming from <out>/ckpt if present); returns the
-    export folder (or, when cfg.stop_at ends the run early, the checkpoint folder). `stage` (a Stage) and `plan` (a factory (dataset, batch_size, seed) -> obj with
-    .indices(step)) default to glimage.train.stages.make_stage(cfg) and glimage.train.data.BatchPlan."""
+    export folder (or, when cfg.stop_at ends the run early, the checkpoint folder). `stage` (a Stage) and
+    `plan` (a factory (dataset, batch_size, seed) -> obj with .indices(step)) default to
+    glimage.train.stages.make_stage(cfg) and glimage.train.data.BatchPlan."""
     d = D.init(cfg.device)
     log = None
     try:

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import read_json, read_state_dict, save_state_dict, weight_files, write_json
+from ..device import DTYPES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_KEYS = {"height": int, "width": int, "num_inference_steps": int, "guidance_scale": float}
 TOKENIZER_PREFIXES = ("model.visual.", "model.vqmodel.")
 
