@@ -198,6 +198,29 @@ def test_decoder_trains_t2i_and_i2i(tmp_path):
     pipe(prompt="a red circle", image=[to_pil(DATA[0]["image"])], height=64, width=64, num_inference_steps=2, seed=0)
 
 
+def test_decoder_trains_its_glyph_encoder(tmp_path):
+    """train_glyph: at init the step is the frozen-glyph step exactly (same embeddings, masks, loss); training
+    moves the glyph encoder (its gradient comes through the DiT) and the export's text_encoder/ is the trained
+    one, loaded strictly by the pipeline. Quoted texts of unequal lengths in one batch exercise the masks."""
+    frozen, trained = stage_for("decoder", tmp_path / "a"), stage_for("decoder", tmp_path / "b", train_glyph=True)
+    assert {k.split(".")[0] for k, p in trained.build().named_parameters() if p.requires_grad} >= {"glyph_encoder"}
+    batch = DATA[:8]
+    a, b = evaluate(frozen, frozen.build(), batch), evaluate(trained, trained.build(), batch)
+    assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    model = trained.build()
+    start = {k: v.clone() for k, v in model.glyph_encoder.state_dict().items()}
+    model, losses = train(trained, [batch], 5, 3e-3, model)
+    assert all(np.isfinite(losses))
+    moved = [k for k, v in model.glyph_encoder.state_dict().items() if not torch.equal(v, start[k])]
+    assert "shared.weight" in moved and len(moved) == len(start)
+    trained.export(model, tmp_path / "export")
+    pipe = generate(tmp_path / "export")
+    for k, v in model.glyph_encoder.state_dict().items():
+        torch.testing.assert_close(pipe.glyph_encoder.state_dict()[k], v)
+    with pytest.raises(ValueError, match="train_glyph"):
+        TrainConfig(stage="vae", out=str(tmp_path), train_glyph=True)
+
+
 def test_decoder_feeds_the_pipelines_conditioning(tmp_path):
     """x_t = (1 - sigma) x0 + sigma eps with the inference shift, timestep t - 1, and condition dropout =
     the pipeline's unconditional branch: all prior tokens dropped and the empty-string glyph."""

@@ -63,6 +63,7 @@ class TrainConfig:
     num_workers: int = 0
     # stage specific
     cond_drop: float = 0.1  # decoder: probability of dropping prior tokens + glyphs (classifier-free guidance)
+    train_glyph: bool = False  # decoder: train the ByT5 glyph encoder with the DiT (exported to text_encoder/)
     kl_weight: float = 1e-6  # vae
     color_aug: bool = False  # vae: a third of the samples in random grey levels (see stages/vae.py)
     freeze_encoder: bool = False  # vae: train the decoder only; latents and their statistics stay the base's
@@ -85,6 +86,11 @@ class TrainConfig:
         for key in ("color_aug", "freeze_encoder"):
             if getattr(self, key) and self.stage != "vae":
                 raise ValueError(f"{key}=true is for the vae stage only (stage={self.stage!r})")
+        if self.train_glyph and self.stage != "decoder":
+            raise ValueError(f"train_glyph=true is for the decoder stage only (stage={self.stage!r})")
+        if self.train_glyph and self.lora_rank:
+            raise ValueError(f"train_glyph=true trains the glyph encoder fully; it does not combine with LoRA "
+                             f"(lora_rank={self.lora_rank})")
         if self.freeze_encoder and not self.base:
             raise ValueError("freeze_encoder=true needs a base folder whose VAE encoder to keep")
 

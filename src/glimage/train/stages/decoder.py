@@ -17,10 +17,16 @@ of the source resized to that grid (as `GlmImagePipeline._reference_kv`) -> the 
 Loss: MSE of the velocity, one term per DiT token (losses.flow_loss). EMA of the weights is the loop's.
 Glyph lengths differ within a batch: shorter ones are left-padded (as encode_glyphs does) and the pads are
 masked out of the attention keys, so each sample sees what a batch-1 inference call would see.
+The glyph encoder is frozen, as officially (a pretrained ByT5). A model trained from scratch has no pretrained
+one: `train_glyph` makes it a submodule of the trained model (`glyph_encoder.*`, in the checkpoints and the EMA)
+that encodes the prompts inside forward, so the DiT loss trains it too; the export writes it to text_encoder/.
+A random frozen ByT5 gives the DiT little to read: its tokens carry no RoPE, so the order of the letters is only
+in what T5's random relative-position biases mix into each token.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -28,11 +34,12 @@ from torch import nn
 
 from ...checkpoint import load_strict, read_state_dict
 from ...convert.dit import save_dit
-from ...convert.glyph import load_glyph_encoder
+from ...convert.glyph import load_glyph_encoder, save_glyph_encoder
 from ...convert.vae import load_vae
 from ...flow import compute_mu, image_seq_len, shift_sigmas
 from ...glyph_text import encode_glyphs, glyph_token_ids
 from ...models.dit import GlmImageDiT, RefKV
+from ...models.glyph import GlyphEncoder
 from ...prior import upsample_ids
 from ..config import TrainConfig
 from ..lora import DIT_TARGETS, apply_lora, merged_state_dict, save_lora
@@ -44,12 +51,16 @@ from .common import (StageBase, SAMPLE_PROMPTS, sample_generators, empty_output,
 
 
 class TrainableDiT(GlmImageDiT):
-    """GlmImageDiT whose forward also runs the reference-image write passes: FSDP2 gathers the root's
-    parameters around `forward` only. Same state dict as GlmImageDiT."""
+    """GlmImageDiT whose forward also runs the reference-image write passes (and, with a `glyph_encoder`
+    submodule, the glyph encoder): FSDP2 gathers the root's parameters around `forward` only. Same state dict
+    as GlmImageDiT, plus `glyph_encoder.*` when the stage trains it."""
 
     def forward(self, latents, glyph, prior_token_id, prior_token_drop, timestep, target_size, crop_coords,
                 refs=None, glyph_mask=None):
-        """refs: per sample a list of (latents (1, C, h, w), prior ids (1, N), size (1, 2)) or None."""
+        """refs: per sample a list of (latents (1, C, h, w), prior ids (1, N), size (1, 2)) or None.
+        glyph: embeddings (B, T, D), or the B prompts when the model owns its glyph encoder."""
+        if isinstance(glyph, list):
+            glyph = encode_glyphs(self.glyph_encoder, glyph, latents.device, latents.dtype)  # (B, T, D)
         kv = None
         if refs:
             kv = RefKV.stack([RefKV.concat([self.encode_reference(z, ids, size) for z, ids, size in sample])
@@ -92,6 +103,8 @@ class DecoderStage(StageBase):
             load_strict(model, read_state_dict(folder), what=f"DiT checkpoint {folder}")
         else:
             model = seeded_init(lambda: TrainableDiT(self.model_cfg.dit), self.cfg.seed)
+        if self.cfg.train_glyph:
+            model.glyph_encoder = copy.deepcopy(self.glyph).requires_grad_(True)  # starts from the base's
         if self.cfg.lora_rank:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed + 1)
@@ -139,12 +152,16 @@ class DecoderStage(StageBase):
     def _glyphs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Left-padded glyph embeddings (B, T, D) and the key mask of the real tokens (None if none padded)."""
         glyph = encode_glyphs(self.glyph, texts, self.device, self.dtype)
-        n = [sum(len(s) for s in glyph_token_ids(t, self.glyph.cfg.max_length)) for t in texts]
-        T = glyph.shape[1]
-        if all(k == T for k in n):
-            return glyph, None
-        mask = torch.arange(T, device=self.device)[None] >= (T - torch.tensor(n, device=self.device))[:, None]
-        return glyph, mask
+        return glyph, self._glyph_mask(texts)
+
+    def _glyph_mask(self, texts: list[str]) -> torch.Tensor | None:
+        """(B, T) True on the real tokens of encode_glyphs' left-padded layout; None if nothing is padded."""
+        n = torch.tensor([sum(len(s) for s in glyph_token_ids(t, self.glyph.cfg.max_length)) for t in texts],
+                         device=self.device)
+        T = int(n.max())
+        if bool((n == T).all()):
+            return None
+        return torch.arange(T, device=self.device)[None] >= (T - n)[:, None]
 
     def step(self, model: GlmImageDiT, batch, generator: torch.Generator) -> StepOutput:
         images = batch["images"]
@@ -167,7 +184,8 @@ class DecoderStage(StageBase):
         drop = [bool(torch.rand((), generator=g) < self.cfg.cond_drop) for g in gens]
 
         texts = ["" if d else s for d, s in zip(drop, batch["texts"])]
-        glyph, glyph_mask = self._glyphs(texts)
+        if not self.cfg.train_glyph:
+            glyph, glyph_mask = self._glyphs(texts)
         size = torch.tensor([[H, W]], device=self.device, dtype=self.dtype).repeat(B, 1)
         crop = torch.zeros(B, 2, device=self.device, dtype=self.dtype)
         prior = prior.to(self.device)
@@ -178,9 +196,13 @@ class DecoderStage(StageBase):
         loss = count = 0
         for key, rows in groups_by(keys).items():
             r = torch.tensor(rows, device=self.device)
-            g, gm = glyph[r], (glyph_mask[r] if glyph_mask is not None else None)
-            if gm is not None and bool(gm.all()):
-                gm = None
+            if self.cfg.train_glyph:  # the model encodes its rows' prompts (padded to their own longest)
+                g = [texts[i] for i in rows]
+                gm = self._glyph_mask(g)
+            else:
+                g, gm = glyph[r], (glyph_mask[r] if glyph_mask is not None else None)
+                if gm is not None and bool(gm.all()):
+                    gm = None
             v = model(x_t[r], g, prior[r], prior_drop[r], (t[r] - 1).to(self.dtype), size[r], crop[r],
                       refs=[refs[i] for i in rows] if key is not None else None, glyph_mask=gm)
             s, c = flow_loss(v, target[r], self.model_cfg.dit.patch_size)
@@ -190,17 +212,30 @@ class DecoderStage(StageBase):
     # -- export
 
 
-    def export(self, model: nn.Module, out_dir: str) -> None:
+    def _split(self, state: dict) -> tuple[GlmImageDiT, GlyphEncoder | None]:
+        """A trained state dict -> the DiT and (train_glyph) the glyph encoder, both loaded strictly."""
+        prefix = "glyph_encoder."
         with torch.device("meta"):
             dit = GlmImageDiT(self.model_cfg.dit)
-        load_strict(dit, {k: v.cpu() for k, v in self.trained_state(model).items()}, what="exported DiT")
+            glyph = GlyphEncoder(self.glyph.cfg) if self.cfg.train_glyph else None
+        load_strict(dit, {k: v for k, v in state.items() if not k.startswith(prefix)}, what="trained DiT")
+        if glyph is not None:
+            load_strict(glyph, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                        what="trained glyph encoder")
+        return dit, glyph
+
+    def export(self, model: nn.Module, out_dir: str) -> None:
+        dit, glyph = self._split({k: v.cpu() for k, v in self.trained_state(model).items()})
 
         def write(root: Path) -> None:
             save_dit(dit, root / "transformer")
+            if glyph is not None:
+                save_glyph_encoder(glyph, root / "text_encoder")
             if self.cfg.lora_rank and not self.cfg.lora_merge:
                 save_lora(model, root / "transformer", DIT_TARGETS)
 
-        export_folder(self.cfg, self.model_cfg, out_dir, ("transformer",), write)
+        replaced = ("transformer", "text_encoder") if glyph is not None else ("transformer",)
+        export_folder(self.cfg, self.model_cfg, out_dir, replaced, write)
 
     @torch.no_grad()
     def samples(self, model: nn.Module, out_dir: str, step: int, steps: int = 8) -> list[Path]:
@@ -209,9 +244,9 @@ class DecoderStage(StageBase):
         pipe = (GlmImagePipeline.from_pretrained(self.cfg.base, device="cpu", dtype=torch.float32) if self.cfg.base
                 else random_pipeline(self.model_cfg, self.cfg.seed))
         sd = merged_state_dict(model) if self.cfg.lora_rank else model.state_dict()  # adapters applied
-        with torch.device("meta"):
-            pipe.dit = GlmImageDiT(self.model_cfg.dit)  # the config may override the base's
-        load_strict(pipe.dit, {k: v.detach().cpu().float() for k, v in sd.items()}, what="trained DiT")
+        pipe.dit, glyph = self._split({k: v.detach().cpu().float() for k, v in sd.items()})  # config may override
+        if glyph is not None:
+            pipe.glyph_encoder = glyph.eval()
         pipe.scheduler = self.model_cfg.scheduler
         pipe.set_progress_bar_config(disable=True)
         size = self.cfg.image_size
