@@ -148,12 +148,6 @@ class DecoderStage(StageBase):
             out.append((z, upsample_ids(ids.reshape(1, -1), gh, gw).to(self.device), size))
         return out
 
-    @torch.no_grad()
-    def _glyphs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Left-padded glyph embeddings (B, T, D) and the key mask of the real tokens (None if none padded)."""
-        glyph = encode_glyphs(self.glyph, texts, self.device, self.dtype)
-        return glyph, self._glyph_mask(texts)
-
     def _glyph_mask(self, texts: list[str]) -> torch.Tensor | None:
         """(B, T) True on the real tokens of encode_glyphs' left-padded layout; None if nothing is padded."""
         n = torch.tensor([sum(len(s) for s in glyph_token_ids(t, self.glyph.cfg.max_length)) for t in texts],
@@ -184,8 +178,6 @@ class DecoderStage(StageBase):
         drop = [bool(torch.rand((), generator=g) < self.cfg.cond_drop) for g in gens]
 
         texts = ["" if d else s for d, s in zip(drop, batch["texts"])]
-        if not self.cfg.train_glyph:
-            glyph, glyph_mask = self._glyphs(texts)
         size = torch.tensor([[H, W]], device=self.device, dtype=self.dtype).repeat(B, 1)
         crop = torch.zeros(B, 2, device=self.device, dtype=self.dtype)
         prior = prior.to(self.device)
@@ -196,13 +188,10 @@ class DecoderStage(StageBase):
         loss = count = 0
         for key, rows in groups_by(keys).items():
             r = torch.tensor(rows, device=self.device)
-            if self.cfg.train_glyph:  # the model encodes its rows' prompts (padded to their own longest)
-                g = [texts[i] for i in rows]
-                gm = self._glyph_mask(g)
-            else:
-                g, gm = glyph[r], (glyph_mask[r] if glyph_mask is not None else None)
-                if gm is not None and bool(gm.all()):
-                    gm = None
+            # glyphs left-padded to the group's own longest; a trained encoder runs inside the model's forward
+            rows_text = [texts[i] for i in rows]
+            g = rows_text if self.cfg.train_glyph else encode_glyphs(self.glyph, rows_text, self.device, self.dtype)
+            gm = self._glyph_mask(rows_text)
             v = model(x_t[r], g, prior[r], prior_drop[r], (t[r] - 1).to(self.dtype), size[r], crop[r],
                       refs=[refs[i] for i in rows] if key is not None else None, glyph_mask=gm)
             s, c = flow_loss(v, target[r], self.model_cfg.dit.patch_size)
