@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -43,3 +44,25 @@ def test_checker_rejects_wrong_images(tmp_path):
     objs = find_objects(img)
     assert [(o["color"], o["shape"]) for o in objs] == [(o["color"], o["shape"]) for o in single["objects"]]
     json.dumps(objs)
+
+
+def test_checker_reads_a_dulled_sign_with_a_tinted_post(tmp_path):
+    """What the shipped VAE does to a sign (measured: white comes back as the board's grey, the grey post
+    bluish) must not hide a legible word; a real extra object beside the sign still fails it."""
+    if not tesseract_available():
+        pytest.skip("tesseract-ocr is not installed")
+    records = generate_shapes(tmp_path, 12, seed=3)
+    sign = next(r for r in records if r["template"] == "sign")
+    img = Image.open(tmp_path / sign["file_name"]).convert("RGB")
+    a = np.asarray(img).astype(np.float32)
+    dulled = 0.85 * a + 0.15 * 200  # contrast down: white 255 -> 247, ink 20 -> 47
+    post = (a == 130).all(-1)  # the post's grey
+    dulled[post] = (70, 110, 190)
+    dulled = Image.fromarray(dulled.round().astype(np.uint8))
+    ok, detail = check(dulled, sign)
+    assert ok, detail
+    wrong = dict(sign, word=sign["word"][::-1] + "Q")
+    assert not check(dulled, wrong)[0]
+    extra = dulled.copy()
+    ImageDraw.Draw(extra).ellipse([2, 2, 30, 30], fill=(220, 20, 20))
+    assert not check(extra, sign)[0]

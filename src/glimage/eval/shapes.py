@@ -1,10 +1,10 @@
 """Automatic checker of `shapes` images, and the evaluation of a model on a fixed seeded prompt set.
 
 Objects: saturated pixels are labelled with the nearest palette hue, split into 4-connected components
-(small specks dropped), and each component's shape is read from how much of its bounding box it fills
-(square 1, circle pi/4, triangle 1/2). Positions and relations come from the components' centres.
-Words: the sign's light-grey board is located, cropped, upscaled and read by Tesseract (a single line of
-capital letters). A prompt is correct only if everything it asks for is there and nothing else is.
+(small specks and strips thinner than MIN_SIDE dropped), and each component's shape is read from how much of
+its bounding box it fills (square 1, circle pi/4, triangle 1/2). Positions and relations come from the
+components' centres. Words: the sign's board (the light region its dark frame encloses) is located, cropped,
+upscaled and read by Tesseract (a single line of capital letters). A prompt is correct only if everything it asks for is there and nothing else is.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..data.shapes import COLORS, EVAL_CATEGORIES
 
 HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 360 for name, rgb in COLORS.items()}
 MIN_AREA = 120  # px; the smallest object (a 28 px triangle) covers ~390
+MIN_SIDE = 14  # px; half the smallest object's size: anything thinner is a strip, not a filled shape
 
 
 def _hsv(arr: np.ndarray):
@@ -76,6 +77,8 @@ def find_objects(image: Image.Image) -> list[dict]:
                 continue
             y0, x0 = pts.min(0)
             y1, x1 = pts.max(0) + 1
+            if min(y1 - y0, x1 - x0) < MIN_SIDE:
+                continue  # a strip (a sign's post the VAE tinted blue): not a shape
             fill = len(pts) / ((y1 - y0) * (x1 - x0))
             objects.append({"color": name, "shape": classify_shape(fill), "bbox": [int(x0), int(y0), int(x1), int(y1)],
                             "center": [float(pts[:, 1].mean()), float(pts[:, 0].mean())], "area": len(pts),
@@ -93,8 +96,15 @@ def read_sign(image: Image.Image) -> str | None:
         raise RuntimeError("reading signs needs Tesseract: apt-get install tesseract-ocr (or brew install tesseract)")
     arr = np.asarray(image.convert("RGB"))
     h, s, v = _hsv(arr)
-    board = (s < 0.12) & (v > 0.78) & (v < 0.96)
-    comps = [c for c in _components(board) if len(c) > 300]
+    # The board is the light neutral region its dark frame encloses: a component of light pixels that does not
+    # touch the image's border (the background does). This holds whatever grey the background and the board
+    # come out in (a VAE that dulls white to the board's grey merges them in any fixed band of brightness).
+    H, W = v.shape
+    light = [c for c in _components((s < 0.15) & (v > 0.7)) if len(c) > 300]
+    comps = [c for c in light if c[:, 0].min() > 0 and c[:, 1].min() > 0 and c[:, 0].max() < H - 1
+             and c[:, 1].max() < W - 1]
+    if not comps:  # no closed frame: the light-grey band, which white background pixels are not in
+        comps = [c for c in _components((s < 0.12) & (v > 0.78) & (v < 0.96)) if len(c) > 300]
     if not comps:
         return None
     pts = max(comps, key=len)
