@@ -187,6 +187,32 @@ def test_ar_training_logits_equal_the_decode_loop(tmp_path, monkeypatch, n_src):
     torch.testing.assert_close(logits, decode, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["ar", "decoder"])
+def test_cached_encodings_equal_uncached(tmp_path, name, monkeypatch):
+    """cache = true: the frozen encoders run once per sample; later batches (in any order, mixing cached and
+    new samples) get exactly what the encoders give."""
+    data = DATA[:6] + [draw(6 + i, sources=1 + i % 2) for i in range(2)]
+    kw = {"model": SMALL_AR} if name == "ar" else {}
+    plain, cached = stage_for(name, tmp_path, data, **kw), stage_for(name, tmp_path, data, cache=True, **kw)
+    fwd = cached.enc.forward
+    calls = []
+    monkeypatch.setattr(cached.enc, "forward", lambda x: calls.append(len(x)) or fwd(x))
+
+    def batches(st, rows):
+        b = st.collate([data[i] for i in rows])
+        if name == "ar":
+            return [(a.input_ids, a.targets) for a in st.make_batch(b)]
+        return st._encode(b["images"], b["index"])
+
+    for rows in ([0, 1, 2], [2, 1, 0], [3, 0, 4, 5], [5, 3], [6, 7, 0]):
+        n = len(calls)
+        for a, c in zip(batches(plain, rows), batches(cached, rows)):
+            for x, y in zip(a, c) if isinstance(a, tuple) else [(a, c)]:
+                assert torch.equal(x, y)
+        if rows in ([2, 1, 0], [5, 3]):
+            assert len(calls) == n  # every sample already cached: no encoder call
+
+
 def test_decoder_trains_t2i_and_i2i(tmp_path):
     st, model = check_falls_and_overfits("decoder", tmp_path, DATA, 30, 40, 3e-3, 10, cond_drop=0.2)
     st2 = stage_for("decoder", tmp_path, [draw(i, sources=1 + i % 2) for i in range(4)], cond_drop=0.3)

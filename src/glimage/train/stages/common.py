@@ -112,6 +112,37 @@ class VQEncoder(nn.Module):
         return self.vqmodel(self.visual(pixels))
 
 
+class RowCache:
+    """Per-sample outputs of frozen encoders, memoised by dataset index (`cache = true`): one table per key
+    (e.g. a grid shape) and output, `size` rows, kept on the CPU. Many small per-sample tensors in a dict
+    fragment the heap instead: the AR stage's resident memory grew by ~250 KB per cached image (12.6 GB for
+    48 000 images). Rows are allocated lazily (untouched pages cost nothing), so unused shapes are free."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._tables: dict = {}  # key -> (filled (size,) bool, [table (size, ...)] per output)
+
+    def get(self, key, index: list[int], device=None) -> list[torch.Tensor] | None:
+        """The outputs for these rows, or None unless every row is filled."""
+        if key not in self._tables:
+            return None
+        filled, tables = self._tables[key]
+        rows = torch.as_tensor(index)
+        if not bool(filled[rows].all()):
+            return None
+        return [t[rows].to(device) for t in tables]
+
+    def put(self, key, index: list[int], outputs: list[torch.Tensor]) -> None:
+        if key not in self._tables:
+            self._tables[key] = (torch.zeros(self.size, dtype=torch.bool),
+                                 [torch.empty((self.size, *o.shape[1:]), dtype=o.dtype) for o in outputs])
+        filled, tables = self._tables[key]
+        rows = torch.as_tensor(index)
+        for table, o in zip(tables, outputs):
+            table[rows] = o.detach().cpu()
+        filled[rows] = True
+
+
 def frozen_vq_encoder(cfg: TrainConfig, model_cfg: GlmImageConfig, device, dtype) -> VQEncoder:
     if cfg.base:
         with torch.device("meta"):
