@@ -25,7 +25,7 @@ stage vae
 stage vae-colour
 stage tokenizer
 if [ "${PARALLEL:-1}" = 1 ]; then
-  OMP_NUM_THREADS=1 stage decoder --set stop_at="${DECODER_SPLIT:-2900}" & dec=$!
+  OMP_NUM_THREADS=1 stage decoder --set stop_at="${DECODER_SPLIT:-4800}" & dec=$!
   OMP_NUM_THREADS=1 stage ar && OMP_NUM_THREADS=1 stage vae-decoder
   wait $dec
   stage decoder
