@@ -4,6 +4,10 @@
 
 gt-prior: DiT + VAE alone -- the tokenizer's ids of the eval split's own images replace the AR's tokens, and
           the checker scores the images, per template (an upper bound the AR cannot beat).
+glyph:    whether the DiT reads the quoted word -- for eval signs, DiT + VAE on the ground truth's ids, drawn
+          once with the caption's word and once with another word of the same length (same seed): the mean
+          change of the pixels on the text (0-255), beside the change another seed makes with the same word,
+          and the letters Tesseract reads in each.
 purity:   how well the tokenizer's codes keep colour -- over 16 px patches of training images that hold part of
           an object (>= 20 non-white pixels), how often a patch's palette colour is its code's most common one.
 """
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 
 from glimage.data.shapes import COLORS, render_sample
-from glimage.eval.shapes import check
+from glimage.eval.shapes import check, read_sign
 from glimage.pipeline import GlmImagePipeline
 from glimage.prior import Prior, upsample_ids
 from glimage.train.stages.common import normalize_pil
@@ -31,20 +35,42 @@ def vq_ids(pipe, image) -> torch.Tensor:
     return ids.reshape(side, side)
 
 
+def with_gt_prior(pipe, image):
+    ids = vq_ids(pipe, image)
+    gh, gw = ids.shape
+    prior = Prior(upsample_ids(ids.reshape(1, -1), gh, gw), (gh, gw), ids.reshape(1, -1), None, None)
+    pipe._prior = lambda *a, **k: prior  # the DiT gets the ground truth's ids instead of the AR's
+
+
 @torch.no_grad()
 def gt_prior(pipe, n: int) -> dict[str, list[int]]:
     scores: dict[str, list[int]] = {}
     for i in range(n):
         image, rec = render_sample("eval", 0, i)
-        ids = vq_ids(pipe, image)
-        gh, gw = ids.shape
-        prior = Prior(upsample_ids(ids.reshape(1, -1), gh, gw), (gh, gw), ids.reshape(1, -1), None, None)
-        pipe._prior = lambda *a, **k: prior  # the DiT gets the ground truth's ids instead of the AR's
+        with_gt_prior(pipe, image)
         ok, _ = check(pipe(rec["text"], seed=i).images[0], rec)
         s = scores.setdefault(rec["template"], [0, 0])
         s[0], s[1] = s[0] + ok, s[1] + 1
     del pipe._prior
     return scores
+
+
+@torch.no_grad()
+def glyph_effect(pipe, n: int) -> tuple[float, float, list[tuple[str, str, str, str]]]:
+    changes, noise, reads = [], [], []
+    signs = (r for r in (render_sample("eval", 0, i) for i in range(10 * n)) if r[1]["template"] == "sign")
+    for k, (image, rec) in zip(range(n), signs):
+        with_gt_prior(pipe, image)
+        other = "".join(chr(65 + (ord(c) - 65 + 13) % 26) for c in rec["word"])  # ROT13: every letter differs
+        a, b = (pipe(f'a sign that says "{w}"', seed=k).images[0] for w in (rec["word"], other))
+        c = pipe(rec["text"], seed=k + 1000).images[0]
+        x0, y0, x1, y1 = rec["text_bbox"]
+        diff = lambda u, v: np.abs(np.asarray(u, float) - np.asarray(v, float))[y0:y1, x0:x1].mean()  # noqa: E731
+        changes.append(diff(a, b))
+        noise.append(diff(a, c))
+        reads.append((rec["word"], read_sign(a), other, read_sign(b)))
+    del pipe._prior
+    return float(np.mean(changes)), float(np.mean(noise)), reads
 
 
 @torch.no_grad()
@@ -80,6 +106,9 @@ def main() -> None:
     scores = gt_prior(pipe, args.n)
     print("gt-prior:", {k: f"{a}/{b}" for k, (a, b) in scores.items()},
           f"total {sum(a for a, _ in scores.values())}/{args.n}")
+    change, noise, reads = glyph_effect(pipe, max(args.n // 4, 1))
+    print(f"glyph: another word changes the text's pixels by {change:.1f} / 255 on average, another seed by "
+          f"{noise:.1f}; (word, read, other word, read):", reads)
     share, used = purity(pipe, 300)
     print(f"purity: {share:.1%} of object patches have their code's most common colour; {used} codes used")
 
