@@ -288,6 +288,30 @@ def test_decoder_feeds_the_pipelines_conditioning(tmp_path):
             torch.testing.assert_close(real[-1], empty)
 
 
+def test_decoder_glyph_prior_drop_hides_tokens_of_quoted_text_only(tmp_path):
+    """glyph_prior_drop: samples that quote text lose about that share of their prior tokens and keep their
+    glyphs; the others, and the whole step when it is 0, are as before (same random stream)."""
+    def first_call(**kw):
+        st = stage_for("decoder", tmp_path, cond_drop=0.0, **kw)
+        model = st.build()
+        calls = []
+        forward = model.forward
+        model.forward = lambda *a, **k: calls.append((a, k)) or forward(*a, **k)
+        st.step(model, st.collate(DATA[:12]), torch.Generator().manual_seed(3))
+        return calls[0][0], calls[0][1]["glyph_mask"]
+
+    (x0, g0, p0, d0, *_), m0 = first_call()
+    (x1, g1, p1, d1, *_), m1 = first_call(glyph_prior_drop=0.5)
+    quoted = torch.tensor(['"' in d["text"] for d in DATA[:12]])
+    assert 0 < int(quoted.sum()) < 12 and not d0.any()
+    assert torch.equal(x0, x1) and torch.equal(p0, p1)
+    assert not d1[~quoted].any() and 0.2 < d1[quoted].float().mean() < 0.8
+    for b in range(12):  # glyphs unchanged
+        torch.testing.assert_close(g1[b][m1[b]] if m1 is not None else g1[b], g0[b][m0[b]] if m0 is not None else g0[b])
+    with pytest.raises(ValueError, match="glyph_prior_drop"):
+        stage_for("decoder", tmp_path, glyph_prior_drop=1.5)
+
+
 def test_export_loads_in_the_reference(tmp_path, ref_pipe):
     """A chained export (vae -> tokenizer -> ar -> decoder, a few steps each, official tiny structure) loads
     in diffusers' GlmImagePipeline and draws the same image as ours from it."""

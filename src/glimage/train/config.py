@@ -64,6 +64,8 @@ class TrainConfig:
     # stage specific
     cond_drop: float = 0.1  # decoder: probability of dropping prior tokens + glyphs (classifier-free guidance)
     train_glyph: bool = False  # decoder: train the ByT5 glyph encoder with the DiT (exported to text_encoder/)
+    glyph_prior_drop: float = 0.0  # decoder: share of the prior tokens dropped (glyphs kept) in samples with
+    # quoted text, so that their letters must come from the glyphs, not from the VQ tokens
     kl_weight: float = 1e-6  # vae
     color_aug: bool = False  # vae: a third of the samples in random grey levels (see stages/vae.py)
     freeze_encoder: bool = False  # vae: train the decoder only; latents and their statistics stay the base's

@@ -11,6 +11,9 @@ Per sample (all random draws from the loop's generator):
        target_size = (H, W), crop = (0, 0) (the data is resized/centre-cropped, as inference assumes).
   condition dropout (cfg.cond_drop): ALL prior tokens dropped (prior_token_drop = True), glyph = the empty
        string's embedding, no reference images -- exactly the unconditional branch of the pipeline's CFG.
+  glyph prior dropout (cfg.glyph_prior_drop, off by default): in the other samples that quote text, each
+       prior token is dropped with this probability and the glyphs are kept. The VQ tokens of a sign carry
+       its letters roughly, and a DiT trained without this copies them and hardly reads the glyphs.
 Reference images (image-to-image samples): each source -> its VQ grid (inference preprocessing) and VAE latents
 of the source resized to that grid (as `GlmImagePipeline._reference_kv`) -> the DiT's write pass
 (`encode_reference`, timestep 0, with gradients) -> K/V the denoising pass reads.
@@ -37,7 +40,7 @@ from ...convert.dit import save_dit
 from ...convert.glyph import load_glyph_encoder, save_glyph_encoder
 from ...convert.vae import load_vae
 from ...flow import compute_mu, image_seq_len, shift_sigmas
-from ...glyph_text import encode_glyphs, glyph_token_ids
+from ...glyph_text import encode_glyphs, glyph_texts, glyph_token_ids
 from ...models.dit import GlmImageDiT, RefKV
 from ...models.glyph import GlyphEncoder
 from ...prior import upsample_ids
@@ -74,8 +77,9 @@ class DecoderStage(StageBase):
     name = "decoder"
 
     def __init__(self, cfg: TrainConfig, dataset=None):
-        if not 0 <= cfg.cond_drop <= 1:
-            raise ValueError(f"cond_drop={cfg.cond_drop} must be in [0, 1]")
+        for name in ("cond_drop", "glyph_prior_drop"):
+            if not 0 <= getattr(cfg, name) <= 1:
+                raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1]")
         self.cfg = cfg
         self.model_cfg, self.base_cfg = model_config(cfg, ("dit.", "scheduler."))
         self._dataset = dataset
@@ -183,7 +187,12 @@ class DecoderStage(StageBase):
         size = torch.tensor([[H, W]], device=self.device, dtype=self.dtype).repeat(B, 1)
         crop = torch.zeros(B, 2, device=self.device, dtype=self.dtype)
         prior = prior.to(self.device)
-        prior_drop = torch.tensor(drop, device=self.device)[:, None].expand_as(prior)
+        prior_drop = torch.tensor(drop)[:, None].expand_as(prior).clone()
+        if self.cfg.glyph_prior_drop:
+            for i, (d, s, g) in enumerate(zip(drop, texts, gens)):
+                if not d and glyph_texts(s):
+                    prior_drop[i] = torch.rand(prior.shape[1], generator=g) < self.cfg.glyph_prior_drop
+        prior_drop = prior_drop.to(self.device)
         # samples that read reference images run apart from the others (the K/V path is per batch)
         refs = [None if d or not s else self._references(s) for d, s in zip(drop, batch["sources"])]
         keys = [None if r is None else tuple(tuple(z.shape) for z, _, _ in r) for r in refs]
