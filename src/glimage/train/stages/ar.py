@@ -38,8 +38,8 @@ from ..config import TrainConfig
 from ..lora import AR_TARGETS, apply_lora, merged_state_dict, save_lora
 from ..losses import ar_loss
 from ..stage import StepOutput
-from .common import (RowCache, StageBase, SAMPLE_PROMPTS, VQEncoder, empty_output, export_ar, frozen_vq_encoder, groups_by,
-                     load_part, model_config, random_pipeline, save_images, seeded_init, tokenize_sources,
+from .common import (RowCache, StageBase, SAMPLE_PROMPTS, VQEncoder, empty_output, export_ar, frozen_vq_encoder,
+                     groups_by, load_part, model_config, random_pipeline, save_images, seeded_init, tokenize_sources,
                      vq_pixels)
 
 TRAINED = ("ar.text.", "ar.grid_factor", "ar.preview_side", "ar.source_", "ar.min_size", "ar.max_size",

@@ -48,9 +48,9 @@ from ..config import TrainConfig
 from ..lora import DIT_TARGETS, apply_lora, merged_state_dict, save_lora
 from ..losses import flow_loss
 from ..stage import StepOutput
-from .common import (RowCache, StageBase, SAMPLE_PROMPTS, sample_generators, empty_output, export_folder, frozen_vq_encoder,
-                     groups_by, model_config, random_pipeline, save_images, seeded_init, to_pil, tokenize_sources,
-                     vq_pixels)
+from .common import (RowCache, StageBase, SAMPLE_PROMPTS, sample_generators, empty_output, export_folder,
+                     frozen_vq_encoder, groups_by, model_config, random_pipeline, save_images, seeded_init, to_pil,
+                     tokenize_sources, vq_pixels)
 
 
 class TrainableDiT(GlmImageDiT):
