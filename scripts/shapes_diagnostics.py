@@ -55,6 +55,12 @@ def gt_prior(pipe, n: int) -> dict[str, list[int]]:
     return scores
 
 
+def text_change(a, b, box) -> float:
+    """Mean absolute difference (0-255) of two images over the box (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    return float(np.abs(np.asarray(a, float) - np.asarray(b, float))[y0:y1, x0:x1].mean())
+
+
 @torch.no_grad()
 def glyph_effect(pipe, n: int) -> tuple[float, float, list[tuple[str, str, str, str]]]:
     changes, noise, reads = [], [], []
@@ -64,10 +70,8 @@ def glyph_effect(pipe, n: int) -> tuple[float, float, list[tuple[str, str, str, 
         other = "".join(chr(65 + (ord(c) - 65 + 13) % 26) for c in rec["word"])  # ROT13: every letter differs
         a, b = (pipe(f'a sign that says "{w}"', seed=k).images[0] for w in (rec["word"], other))
         c = pipe(rec["text"], seed=k + 1000).images[0]
-        x0, y0, x1, y1 = rec["text_bbox"]
-        diff = lambda u, v: np.abs(np.asarray(u, float) - np.asarray(v, float))[y0:y1, x0:x1].mean()  # noqa: E731
-        changes.append(diff(a, b))
-        noise.append(diff(a, c))
+        changes.append(text_change(a, b, rec["text_bbox"]))
+        noise.append(text_change(a, c, rec["text_bbox"]))
         reads.append((rec["word"], read_sign(a), other, read_sign(b)))
     del pipe._prior
     return float(np.mean(changes)), float(np.mean(noise)), reads

@@ -38,7 +38,7 @@ from ..config import TrainConfig
 from ..lora import AR_TARGETS, apply_lora, merged_state_dict, save_lora
 from ..losses import ar_loss
 from ..stage import StepOutput
-from .common import (RowCache, StageBase, SAMPLE_PROMPTS, VQEncoder, empty_output, export_ar, frozen_vq_encoder,
+from .common import (StageBase, SAMPLE_PROMPTS, VQEncoder, empty_output, export_ar, frozen_vq_encoder,
                      groups_by, load_part, model_config, random_pipeline, save_images, seeded_init, tokenize_sources,
                      vq_pixels)
 
@@ -112,8 +112,7 @@ class ARStage(StageBase):
         self.model_cfg, self.base_cfg = model_config(cfg, TRAINED)
         self.ar_cfg = self.model_cfg.ar
         self._dataset = dataset
-        self._cache: RowCache | None = None  # grid ids
-        self._source_cache: dict = {}  # per sample: a list of grids of varying sizes
+        self._source_cache: dict = {}  # per sample: a list of grids of varying sizes (cfg.cache)
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.tok: GlmTokenizer | None = None
         self.enc: VQEncoder | None = None
@@ -145,14 +144,13 @@ class ARStage(StageBase):
 
     @torch.no_grad()
     def _grid_ids(self, images: torch.Tensor, index: list, gh: int, gw: int) -> torch.Tensor:
-        if self.cfg.cache and self._cache is None:
-            self._cache = RowCache(len(self.dataset()))
-        if self.cfg.cache and (hit := self._cache.get((gh, gw), index)) is not None:
+        cache = self.encoded()
+        if cache is not None and (hit := cache.get((gh, gw), index)) is not None:
             return hit[0]
         p = self.ar_cfg.vision.patch_size
         ids = self.enc(vq_pixels(images, gh, gw, p).to(self.device, self.dtype)).cpu()  # (B, gh, gw)
-        if self.cfg.cache:
-            self._cache.put((gh, gw), index, [ids])
+        if cache is not None:
+            cache.put((gh, gw), index, [ids])
         return ids
 
     def _source_ids(self, sources: list[list[torch.Tensor]], index: list) -> list[list[torch.Tensor]]:

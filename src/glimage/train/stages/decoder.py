@@ -48,7 +48,7 @@ from ..config import TrainConfig
 from ..lora import DIT_TARGETS, apply_lora, merged_state_dict, save_lora
 from ..losses import flow_loss
 from ..stage import StepOutput
-from .common import (RowCache, StageBase, SAMPLE_PROMPTS, sample_generators, empty_output, export_folder,
+from .common import (StageBase, SAMPLE_PROMPTS, sample_generators, empty_output, export_folder,
                      frozen_vq_encoder, groups_by, model_config, random_pipeline, save_images, seeded_init, to_pil,
                      tokenize_sources, vq_pixels)
 
@@ -83,7 +83,6 @@ class DecoderStage(StageBase):
         self.cfg = cfg
         self.model_cfg, self.base_cfg = model_config(cfg, ("dit.", "scheduler."))
         self._dataset = dataset
-        self._cache: RowCache | None = None
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def setup(self, device, dtype) -> None:
@@ -124,10 +123,8 @@ class DecoderStage(StageBase):
     @torch.no_grad()
     def _encode(self, images: torch.Tensor, index: list):
         """-> posterior mean, logvar (B, C, h, w) and prior ids (B, 4*th*tw) of the ground-truth images."""
-        key = tuple(images.shape[-2:])
-        if self.cfg.cache and self._cache is None:
-            self._cache = RowCache(len(self.dataset()))
-        if self.cfg.cache and (hit := self._cache.get(key, index, self.device)) is not None:
+        key, cache = tuple(images.shape[-2:]), self.encoded()
+        if cache is not None and (hit := cache.get(key, index, self.device)) is not None:
             return hit
         x = images.to(self.device, self.dtype)
         post = self.vae.encode(x)
@@ -135,8 +132,8 @@ class DecoderStage(StageBase):
         ids = self.enc(vq_pixels(images, th, tw, self.model_cfg.ar.vision.patch_size).to(self.device, self.dtype))
         prior = upsample_ids(ids.reshape(len(index), -1), th, tw)
         out = [post.mean, post.logvar, prior]
-        if self.cfg.cache:
-            self._cache.put(key, index, out)
+        if cache is not None:
+            cache.put(key, index, out)
         return out
 
     @torch.no_grad()
