@@ -3,7 +3,8 @@
   python scripts/shapes_diagnostics.py [MODEL] [--n 40]
 
 gt-prior: DiT + VAE alone -- the tokenizer's ids of the eval split's own images replace the AR's tokens, and
-          the checker scores the images, per template (an upper bound the AR cannot beat).
+          the checker scores the images, per template, images with a held-out pair apart (an upper bound the AR
+          cannot beat).
 glyph:    whether the DiT reads the quoted word -- for eval signs, DiT + VAE on the ground truth's ids, drawn
           once with the caption's word and once with another word of the same length (same seed): the mean
           change of the pixels on the text (0-255), beside the change another seed makes with the same word,
@@ -20,7 +21,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
-from glimage.data.shapes import COLORS, render_sample
+from glimage.data.shapes import COLORS, HELD_OUT, render_sample
 from glimage.eval.shapes import check, read_sign
 from glimage.pipeline import GlmImagePipeline
 from glimage.prior import Prior, upsample_ids
@@ -49,7 +50,8 @@ def gt_prior(pipe, n: int) -> dict[str, list[int]]:
         image, rec = render_sample("eval", 0, i)
         with_gt_prior(pipe, image)
         ok, _ = check(pipe(rec["text"], seed=i).images[0], rec)
-        s = scores.setdefault(rec["template"], [0, 0])
+        held = any((o["color"], o["shape"]) in HELD_OUT for o in rec["objects"])
+        s = scores.setdefault("held_out" if held else rec["template"], [0, 0])
         s[0], s[1] = s[0] + ok, s[1] + 1
     del pipe._prior
     return scores
@@ -111,8 +113,10 @@ def main() -> None:
     print("gt-prior:", {k: f"{a}/{b}" for k, (a, b) in scores.items()},
           f"total {sum(a for a, _ in scores.values())}/{args.n}")
     change, noise, reads = glyph_effect(pipe, max(args.n // 4, 1))
+    own, other = sum(r[1] == r[0] for r in reads), sum(r[3] == r[2] for r in reads)
     print(f"glyph: another word changes the text's pixels by {change:.1f} / 255 on average, another seed by "
-          f"{noise:.1f}; (word, read, other word, read):", reads)
+          f"{noise:.1f}; words read exactly: {own}/{len(reads)} on their own ids, {other}/{len(reads)} on another "
+          f"word's ids; (word, read, other word, read):", reads)
     share, used = purity(pipe, 300)
     print(f"purity: {share:.1%} of object patches have their code's most common colour; {used} codes used")
 

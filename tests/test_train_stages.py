@@ -312,6 +312,30 @@ def test_decoder_glyph_prior_drop_hides_tokens_of_quoted_text_only(tmp_path):
         stage_for("decoder", tmp_path, glyph_prior_drop=1.5)
 
 
+def test_decoder_glyph_prior_swap_passes_sign_tokens_round(tmp_path):
+    """glyph_prior_swap = 1: every sample that quotes text gets the prior tokens of another such sample (a cycle)
+    and keeps its glyphs, latents and target; the others are untouched, and 0 changes nothing."""
+    def first_call(**kw):
+        st = stage_for("decoder", tmp_path, cond_drop=0.0, **kw)
+        model = st.build()
+        calls = []
+        forward = model.forward
+        model.forward = lambda *a, **k: calls.append((a, k)) or forward(*a, **k)
+        st.step(model, st.collate(DATA[:12]), torch.Generator().manual_seed(3))
+        return calls[0][0]
+
+    x0, g0, p0, *_ = first_call()
+    x1, g1, p1, *_ = first_call(glyph_prior_swap=1.0)
+    quoted = [i for i, d in enumerate(DATA[:12]) if '"' in d["text"]]
+    assert len(quoted) > 1 and torch.equal(x0, x1) and torch.equal(g0, g1)
+    others = [i for i in range(12) if i not in quoted]
+    assert torch.equal(p1[others], p0[others])
+    assert torch.equal(p1[quoted], p0[quoted[1:] + quoted[:1]])
+    assert not torch.equal(p1[quoted], p0[quoted])
+    with pytest.raises(ValueError, match="glyph_prior_swap"):
+        stage_for("decoder", tmp_path, glyph_prior_swap=-0.1)
+
+
 def test_export_loads_in_the_reference(tmp_path, ref_pipe):
     """A chained export (vae -> tokenizer -> ar -> decoder, a few steps each, official tiny structure) loads
     in diffusers' GlmImagePipeline and draws the same image as ours from it."""

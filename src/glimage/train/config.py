@@ -66,6 +66,8 @@ class TrainConfig:
     train_glyph: bool = False  # decoder: train the ByT5 glyph encoder with the DiT (exported to text_encoder/)
     glyph_prior_drop: float = 0.0  # decoder: share of the prior tokens dropped (glyphs kept) in samples with
     # quoted text, so that their letters must come from the glyphs, not from the VQ tokens
+    glyph_prior_swap: float = 0.0  # decoder: share of the samples with quoted text that get the prior tokens of
+    # another such sample of the batch (another word's sign), as the AR's tokens of a word it cannot spell
     kl_weight: float = 1e-6  # vae
     color_aug: bool = False  # vae: a third of the samples in random grey levels (see stages/vae.py)
     freeze_encoder: bool = False  # vae: train the decoder only; latents and their statistics stay the base's

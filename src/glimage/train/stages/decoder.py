@@ -14,6 +14,10 @@ Per sample (all random draws from the loop's generator):
   glyph prior dropout (cfg.glyph_prior_drop, off by default): in the other samples that quote text, each
        prior token is dropped with this probability and the glyphs are kept. The VQ tokens of a sign carry
        its letters roughly, and a DiT trained without this copies them and hardly reads the glyphs.
+  glyph prior swap (cfg.glyph_prior_swap, off by default): each other sample that quotes text is picked with
+       this probability, and the picked ones of a batch pass their prior tokens round (a cycle, when two or
+       more are picked): each gets another word's sign tokens and keeps its own glyphs and target. At inference
+       the AR writes sign tokens for a word it cannot spell; trained on true tokens only, the DiT copies them.
 Reference images (image-to-image samples): each source -> its VQ grid (inference preprocessing) and VAE latents
 of the source resized to that grid (as `GlmImagePipeline._reference_kv`) -> the DiT's write pass
 (`encode_reference`, timestep 0, with gradients) -> K/V the denoising pass reads.
@@ -77,7 +81,7 @@ class DecoderStage(StageBase):
     name = "decoder"
 
     def __init__(self, cfg: TrainConfig, dataset=None):
-        for name in ("cond_drop", "glyph_prior_drop"):
+        for name in ("cond_drop", "glyph_prior_drop", "glyph_prior_swap"):
             if not 0 <= getattr(cfg, name) <= 1:
                 raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1]")
         self.cfg = cfg
@@ -190,6 +194,13 @@ class DecoderStage(StageBase):
                 if not d and glyph_texts(s):
                     prior_drop[i] = torch.rand(prior.shape[1], generator=g) < self.cfg.glyph_prior_drop
         prior_drop = prior_drop.to(self.device)
+        if self.cfg.glyph_prior_swap:
+            picked = [i for i, (d, s, g) in enumerate(zip(drop, texts, gens))
+                      if not d and glyph_texts(s) and bool(torch.rand((), generator=g) < self.cfg.glyph_prior_swap)]
+            perm = list(range(B))
+            for i, j in zip(picked, picked[1:] + picked[:1]):
+                perm[i] = j
+            prior = prior[perm]  # a new tensor: the cached ids stay the image's own
         # samples that read reference images run apart from the others (the K/V path is per batch)
         refs = [None if d or not s else self._references(s) for d, s in zip(drop, batch["sources"])]
         keys = [None if r is None else tuple(tuple(z.shape) for z, _, _ in r) for r in refs]
