@@ -247,6 +247,31 @@ def test_decoder_trains_its_glyph_encoder(tmp_path):
         TrainConfig(stage="vae", out=str(tmp_path), train_glyph=True)
 
 
+def test_decoder_trains_a_glyph_encoder_of_another_shape_than_the_bases(tmp_path):
+    """With train_glyph, model.glyph.* may reshape the glyph encoder (random start, seeded); the export writes
+    its config and weights and loads strictly. Without train_glyph it stays a frozen component; its width
+    must match the DiT's."""
+    GlmImagePipeline.from_config("tiny").save_pretrained(tmp_path / "base")
+    base = str(tmp_path / "base")
+    st = stage_for("decoder", tmp_path, base=base, train_glyph=True, model={"glyph.num_layers": 3})
+    model = st.build()
+    assert len(model.glyph_encoder.encoder.block) == 3
+    again = stage_for("decoder", tmp_path / "b", base=base, train_glyph=True, model={"glyph.num_layers": 3})
+    for k, v in again.build().glyph_encoder.state_dict().items():
+        assert torch.equal(v, model.glyph_encoder.state_dict()[k])
+    model, losses = train(st, [DATA[:4]], 2, 1e-3, model)
+    assert all(np.isfinite(losses))
+    st.export(model, tmp_path / "export")
+    pipe = generate(tmp_path / "export")
+    assert pipe.glyph_encoder.cfg.num_layers == 3
+    for k, v in model.glyph_encoder.state_dict().items():
+        torch.testing.assert_close(pipe.glyph_encoder.state_dict()[k], v)
+    with pytest.raises(ValueError, match="frozen component"):
+        stage_for("decoder", tmp_path, base=base, model={"glyph.num_layers": 3})
+    with pytest.raises(ValueError, match="glyph.d_model"):
+        stage_for("decoder", tmp_path, base=base, train_glyph=True, model={"glyph.d_model": 48})
+
+
 def test_decoder_feeds_the_pipelines_conditioning(tmp_path):
     """x_t = (1 - sigma) x0 + sigma eps with the inference shift, timestep t - 1, and condition dropout =
     the pipeline's unconditional branch: all prior tokens dropped and the empty-string glyph."""

@@ -85,7 +85,12 @@ class DecoderStage(StageBase):
             if not 0 <= getattr(cfg, name) <= 1:
                 raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1]")
         self.cfg = cfg
-        self.model_cfg, self.base_cfg = model_config(cfg, ("dit.", "scheduler."))
+        # a trained glyph encoder may take another shape than the base's (it then starts from random weights)
+        trained = ("dit.", "scheduler.", "glyph.") if cfg.train_glyph else ("dit.", "scheduler.")
+        self.model_cfg, self.base_cfg = model_config(cfg, trained)
+        if self.model_cfg.glyph.d_model != self.model_cfg.dit.text_embed_dim:
+            raise ValueError(f"glyph.d_model={self.model_cfg.glyph.d_model} must equal dit.text_embed_dim="
+                             f"{self.model_cfg.dit.text_embed_dim} (the DiT projects the glyph tokens)")
         self._dataset = dataset
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
@@ -94,7 +99,11 @@ class DecoderStage(StageBase):
         if self.cfg.base:
             root = Path(self.cfg.base)
             self.vae = load_vae(root / "vae", self.device, dtype)
-            self.glyph = load_glyph_encoder(root / "text_encoder", self.device, dtype)
+            if self.model_cfg.glyph == self.base_cfg.glyph:
+                self.glyph = load_glyph_encoder(root / "text_encoder", self.device, dtype)
+            else:
+                self.glyph = seeded_init(lambda: GlyphEncoder(self.model_cfg.glyph), self.cfg.seed + 2)
+                self.glyph.to(self.device, dtype)
         else:
             pipe = random_pipeline(self.model_cfg, self.cfg.seed)
             self.vae, self.glyph = pipe.vae.to(self.device, dtype), pipe.glyph_encoder.to(self.device, dtype)
