@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glimage.data.shapes import (COLORS, EVAL_CATEGORIES, HELD_OUT, SHAPES, SIZE, TEMPLATES, eval_prompts,
+from glimage.data.shapes import (CELL_W, COLORS, EVAL_CATEGORIES, HELD_OUT, SHAPES, SIZE, TEMPLATES, eval_prompts,
                                  generate_shapes, hue_degrees, render_sample)
 
 CAPTION = {
@@ -141,8 +141,10 @@ def test_signs_legible(train_set):
         bx0, by0, bx1, by1 = r["board"]
         tx0, ty0, tx1, ty1 = r["text_bbox"]
         assert 0 <= bx0 <= tx0 < tx1 <= bx1 <= SIZE and 0 <= by0 <= ty0 < ty1 <= by1 <= SIZE
-        assert abs((bx0 + bx1) / 2 - SIZE / 2) <= 1 and abs((by0 + by1) / 2 - SIZE / 2) <= 1  # centred
-        assert ty1 - ty0 >= 20 and tx1 - tx0 >= 50  # large: letters about a fifth of the image tall
+        # centred up to half a token (3-letter words stay on the 16 px grid); one 16 px cell per letter
+        assert abs((bx0 + bx1) / 2 - SIZE / 2) <= CELL_W / 2 and abs((by0 + by1) / 2 - SIZE / 2) <= 1
+        assert tx0 % 16 == 0 and tx1 - tx0 == CELL_W * len(r["word"])
+        assert ty1 - ty0 >= 20  # large: letters about a fifth of the image tall
         ink = pix[ty0:ty1, tx0:tx1].max(-1) < 80
         assert 0.15 < ink.mean() < 0.7  # dark letters on a light board
         assert pix[by0 + 3:ty0, bx0 + 3:bx1 - 3].min() > 200  # light board around the text

@@ -10,7 +10,7 @@ Captions, one template per image, assigned round robin (`TEMPLATES[i % 6]`) so t
   top_bottom  `a {color} {shape} at the {top|bottom}`              one object inside that half
   left_of     `a {color} {shape} to the left of a {color} {shape}` first object's bbox ends left of the second's
   above       `a {color} {shape} above a {color} {shape}`          first object's bbox ends above the second's
-  sign        `a sign that says "{WORD}"`                          3-4 letters A-Z, dark on a light board, centred
+  sign        `a sign that says "{WORD}"`                          3-4 letters A-Z, dark on a light board, centred (see CELL_W)
 Relations are unambiguous: the boxes are separated along the named axis and the centres are further apart along
 that axis than across it; the two objects of one image always differ in colour or shape.
 
@@ -29,6 +29,7 @@ Boxes are `[x0, y0, x1, y1]` in pixels with exclusive ends (the object covers x0
 from __future__ import annotations
 
 import colorsys
+import functools
 import json
 import os
 import random
@@ -110,39 +111,56 @@ def _caption(template: str, objects: list[dict], position: str | None, word: str
     return f"{first} to the left of {second}" if template == "left_of" else f"{first} above {second}"
 
 
-def _text_mask(word: str, max_width: int, max_height: int) -> Image.Image:
-    """The word as an 'L' mask (255 = ink), as large as fits in max_width x max_height."""
+# The sign's letters sit in fixed cells aligned to the 16 px grid of the tokenizer (one token column and two
+# token rows per letter): a token then holds one half of one letter, not pieces of two letters at an offset
+# set by the widths of the letters before it, so 52 codes can say every letter and the AR writes letter k of the
+# word into column c0 + k. The word starts at column (8 - n) // 2: centred for 4 letters, 8 px left of
+# centre for 3.
+CELL_W, CELL_H, TEXT_ROW = 16, 32, 48  # cell size and the text band's top, px
+
+
+@functools.lru_cache(maxsize=1)
+def _cell_font():
+    """Pillow's embedded scalable font (Aileron) at the largest size whose capitals fit a cell's height."""
+    for size in range(CELL_H + 12, 7, -1):
+        font = ImageFont.load_default(size=size)
+        boxes = [font.getbbox(c, stroke_width=1) for c in LETTERS]
+        top, bottom = min(b[1] for b in boxes), max(b[3] for b in boxes)
+        if bottom - top <= CELL_H - 4:
+            return font, top, bottom
+    raise RuntimeError("no font size fits the sign's cells")
+
+
+def _text_mask(word: str) -> Image.Image:
+    """The word as an 'L' mask (255 = ink), one CELL_W-wide cell per letter; wide letters are squeezed."""
     try:
-        # Pillow >= 10.1 embeds a scalable font (Aileron) used through FreeType: no system font needed.
-        for size in range(max_height + 12, 7, -1):
-            font = ImageFont.load_default(size=size)
-            # stroke 1: the regular weight turns thin at 128 px; a bolder stroke survives VAE/VQ downsampling
-            x0, y0, x1, y1 = font.getbbox(word, stroke_width=1)
-            if x1 - x0 <= max_width and y1 - y0 <= max_height:
-                break
-        mask = Image.new("L", (x1 - x0, y1 - y0), 0)
-        ImageDraw.Draw(mask).text((-x0, -y0), word, font=font, fill=255, stroke_width=1, stroke_fill=255)
-        return mask
-    except (TypeError, ImportError, OSError):
-        # Old Pillow or no FreeType: the fixed bitmap font, scaled up by an integer factor (still legible).
-        font = ImageFont.load_default()
-        x0, y0, x1, y1 = font.getbbox(word)
-        small = Image.new("L", (x1 - x0, y1 - y0), 0)
-        ImageDraw.Draw(small).text((-x0, -y0), word, font=font, fill=255)
-        k = max(1, min(max_width // small.width, max_height // small.height))
-        return small.resize((small.width * k, small.height * k), Image.Resampling.NEAREST)
+        font, top, bottom = _cell_font()
+    except (TypeError, ImportError, OSError) as e:
+        raise RuntimeError("the shapes signs need Pillow >= 10.1 with FreeType (its embedded scalable font)") from e
+    h = bottom - top
+    mask = Image.new("L", (len(word) * CELL_W, h), 0)
+    for k, c in enumerate(word):
+        # stroke 1: the regular weight turns thin at 128 px; a bolder stroke survives VAE/VQ downsampling
+        x0, _, x1, _ = font.getbbox(c, stroke_width=1)
+        glyph = Image.new("L", (x1 - x0, h), 0)
+        ImageDraw.Draw(glyph).text((-x0, -top), c, font=font, fill=255, stroke_width=1, stroke_fill=255)
+        if glyph.width > CELL_W - 2:  # M, W: keep a gap between neighbours
+            glyph = glyph.resize((CELL_W - 2, h), Image.Resampling.LANCZOS)
+        mask.paste(glyph, (k * CELL_W + (CELL_W - glyph.width) // 2, 0))
+    return mask
 
 
 def _draw_sign(image: Image.Image, word: str) -> dict:
-    mask = _text_mask(word, max_width=104, max_height=34)
+    mask = _text_mask(word)
     pad = 8
-    w, h = mask.width + 2 * pad, mask.height + 2 * pad
-    bx0, by0 = (SIZE - w) // 2, (SIZE - h) // 2
-    board = [bx0, by0, bx0 + w, by0 + h]
+    c0 = (SIZE // CELL_W - len(word)) // 2
+    x0, x1 = c0 * CELL_W, (c0 + len(word)) * CELL_W
+    board = [x0 - pad, TEXT_ROW - pad, x1 + pad, TEXT_ROW + CELL_H + pad]
     draw = ImageDraw.Draw(image)
-    draw.rectangle([SIZE // 2 - 4, board[3], SIZE // 2 + 3, SIZE - 1], fill=POST)
+    cx = (board[0] + board[2]) // 2
+    draw.rectangle([cx - 4, board[3], cx + 3, SIZE - 1], fill=POST)
     draw.rectangle([board[0], board[1], board[2] - 1, board[3] - 1], fill=BOARD, outline=BOARD_EDGE, width=2)
-    tx, ty = bx0 + pad, by0 + pad
+    tx, ty = x0, TEXT_ROW + (CELL_H - mask.height) // 2
     image.paste(Image.new("RGB", mask.size, INK), (tx, ty), mask)
     return {"board": board, "text_bbox": [tx, ty, tx + mask.width, ty + mask.height]}
 
