@@ -72,6 +72,7 @@ class TrainConfig:
     color_aug: bool = False  # vae: a third of the samples in random grey levels (see stages/vae.py)
     freeze_encoder: bool = False  # vae: train the decoder only; latents and their statistics stay the base's
     commit_weight: float = 0.25  # tokenizer: VQ commitment loss weight (beta)
+    refit_codes: int = 0  # tokenizer: at export, move up to this many unused codes onto the worst-served outputs
     lora_rank: int = 0  # > 0: LoRA fine-tuning of the stage's transformer from `base`
     lora_alpha: float = 16.0
     lora_merge: bool = True  # export merged weights (official layout) or keep the adapter separate
@@ -90,6 +91,10 @@ class TrainConfig:
         for key in ("color_aug", "freeze_encoder"):
             if getattr(self, key) and self.stage != "vae":
                 raise ValueError(f"{key}=true is for the vae stage only (stage={self.stage!r})")
+        if self.refit_codes and self.stage != "tokenizer":
+            raise ValueError(f"refit_codes={self.refit_codes} is for the tokenizer stage only (stage={self.stage!r})")
+        if self.refit_codes < 0:
+            raise ValueError(f"refit_codes={self.refit_codes} must be >= 0")
         if self.train_glyph and self.stage != "decoder":
             raise ValueError(f"train_glyph=true is for the decoder stage only (stage={self.stage!r})")
         if self.train_glyph and self.lora_rank:

@@ -22,6 +22,10 @@ Why dead codes are revived by a loss rather than by overwriting rows: under FSDP
 the optimizer owns it; a gradient pull needs no extra state, resumes exactly, and a micro-batch gives the same
 gradient on any rank. Code usage and perplexity of each micro-batch are logged as metrics.
 
+With refit_codes = k, the export first moves up to k unused codes onto k-means centres of the 10% worst-quantised
+outputs of the dataset's first 3000 images (refit_dead_codes): with the signs' letters in their own cells it
+raised the share of letter cells whose code's most common letter is their own from 0.32 to 0.89.
+
 Export writes `visual.*`, `vqmodel.*` (including post_quant_conv, the decoder's first layer) into the base AR
 checkpoint; the rest of the auxiliary decoder is discarded (inference has no pixel decoder: the DiT is one).
 """
@@ -44,7 +48,49 @@ from .common import (StageBase, VQEncoder, empty_output, export_ar, load_part, m
 
 PX_PER_TOKEN = 8  # reconstruction resolution of the auxiliary decoder
 REVIVE_POOL = 512  # encoder outputs a dead code may be pulled to (a random subset of the micro-batch's)
+REFIT_IMAGES = 3000  # sample of the dataset whose outputs the export's code refit (refit_codes) clusters
 CODE_NORM = 0.02  # codebook rows are rescaled to norm CODE_NORM * sqrt(embed_dim) at build (see build)
+
+
+@torch.no_grad()
+def refit_dead_codes(model: VQEncoder, batches, k: int, seed: int = 0, worst: float = 0.1,
+                     iters: int = 30) -> int:
+    """Move up to k codes no output of `batches` (pixel tensors) picks onto k-means centres (cosine, `iters`
+    Lloyd steps, seeded) of the `worst` share of outputs farthest from their code. Returns how many moved.
+
+    Why: the encoder tells the signs' letters apart (1-NN on its outputs reads every letter of 300 signs) but
+    training leaves few codes among them (16 codes for 2100 letter cells; they are 2% of the tokens, so neither
+    the reconstruction nor the revival pulls codes there; letter cells are 8x farther from their code than
+    the rest). The worst-quantised outputs are mostly such lumped features; centres of them give those features
+    their own ids without moving any code in use: outputs already well served keep their ids, and so what the
+    AR and DiT learned of them (measured on the shipped tokenizer, k = all 615 unused codes, worst 10%: letter
+    purity 0.32 -> 0.89, 88 codes; 12% of the ids of object images change, mostly on the objects' edges)."""
+    zs, errs, ids_all = [], [], []
+    for pixels in batches:
+        ids, z, codes = model.vqmodel.encode(model.visual(pixels))
+        z = F.normalize(z.reshape(-1, z.shape[-1]).float(), dim=-1)
+        ids = ids.reshape(-1)
+        zs.append(z)
+        ids_all.append(ids)
+        errs.append(1 - (z * F.normalize(codes[ids].float(), dim=-1)).sum(-1))
+    z, err, ids = torch.cat(zs), torch.cat(errs), torch.cat(ids_all)
+    weight = model.vqmodel.quantize.embedding.weight
+    dead = (torch.bincount(ids, minlength=weight.shape[0]) == 0).nonzero().flatten()
+    x = z[err.topk(max(1, int(worst * len(err)))).indices]  # (M, E)
+    k = min(k, len(dead), len(x))
+    if k == 0:
+        return 0
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(len(x), generator=g)[:k]].clone()  # (k, E)
+    for _ in range(iters):
+        assign = (x @ centres.T).argmax(1)
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                centres[j] = F.normalize(members.mean(0), dim=0)
+    norm = weight.norm(dim=-1).mean()  # cosine codes: only the direction matters; keep the usual row norm
+    weight[dead[:k]] = (centres * norm).to(weight.dtype)
+    return k
 
 
 class AuxDecoder(nn.Module):
@@ -152,8 +198,22 @@ class TokenizerStage(StageBase):
         return StepOutput(total, torch.tensor(float(count), device=self.device), sums)
 
     def export(self, model: TokenizerModel, out_dir: str) -> None:
+        if self.cfg.refit_codes:
+            moved = refit_dead_codes(model, self._refit_batches(model), self.cfg.refit_codes, self.cfg.seed)
+            print(f"tokenizer export: {moved} unused codes refit onto the worst-quantised outputs", flush=True)
         parts = {k: v for k, v in model.state_dict().items() if k.startswith(("visual.", "vqmodel."))}
         export_ar(self.cfg, self.model_cfg, out_dir, parts, keep=("language_model.", "lm_head."))
+
+    def _refit_batches(self, model: TokenizerModel, n: int = REFIT_IMAGES, batch: int = 50):
+        """The large grid's pixels of the dataset's first n images, in batches (the refit's sample)."""
+        ds = self.dataset()
+        p = next(model.parameters())
+        for i in range(0, min(n, len(ds)), batch):
+            b = self.collate([ds[j] for j in range(i, min(i + batch, n, len(ds)))])
+            if b["images"] is None:
+                continue
+            gh, gw = self.grids(b["images"].shape[-2], b["images"].shape[-1])[0]
+            yield vq_pixels(b["images"], gh, gw, self.ar_cfg.vision.patch_size).to(p.device, p.dtype)
 
     @torch.no_grad()
     def samples(self, model: TokenizerModel, out_dir: str, step: int, n: int = 4) -> list[Path]:
