@@ -24,7 +24,7 @@ import torch
 from glimage.data.shapes import COLORS, HELD_OUT, render_sample
 from glimage.eval.shapes import check, read_sign
 from glimage.pipeline import GlmImagePipeline
-from glimage.prior import Prior, upsample_ids
+from glimage.prior import upsample_ids
 from glimage.train.stages.common import normalize_pil
 
 
@@ -36,11 +36,10 @@ def vq_ids(pipe, image) -> torch.Tensor:
     return ids.reshape(side, side)
 
 
-def with_gt_prior(pipe, image):
+def gt_ids(pipe, image) -> torch.Tensor:
+    """The ground truth's ids as the DiT takes them (`prior_token_ids`): (1, 4 * gh * gw)."""
     ids = vq_ids(pipe, image)
-    gh, gw = ids.shape
-    prior = Prior(upsample_ids(ids.reshape(1, -1), gh, gw), (gh, gw), ids.reshape(1, -1), None, None)
-    pipe._prior = lambda *a, **k: prior  # the DiT gets the ground truth's ids instead of the AR's
+    return upsample_ids(ids.reshape(1, -1), *ids.shape)
 
 
 @torch.no_grad()
@@ -48,12 +47,10 @@ def gt_prior(pipe, n: int) -> dict[str, list[int]]:
     scores: dict[str, list[int]] = {}
     for i in range(n):
         image, rec = render_sample("eval", 0, i)
-        with_gt_prior(pipe, image)
-        ok, _ = check(pipe(rec["text"], seed=i).images[0], rec)
+        ok, _ = check(pipe(rec["text"], seed=i, prior_token_ids=gt_ids(pipe, image)).images[0], rec)
         held = any((o["color"], o["shape"]) in HELD_OUT for o in rec["objects"])
         s = scores.setdefault("held_out" if held else rec["template"], [0, 0])
         s[0], s[1] = s[0] + ok, s[1] + 1
-    del pipe._prior
     return scores
 
 
@@ -68,14 +65,13 @@ def glyph_effect(pipe, n: int) -> tuple[float, float, list[tuple[str, str, str, 
     changes, noise, reads = [], [], []
     signs = (r for r in (render_sample("eval", 0, i) for i in range(10 * n)) if r[1]["template"] == "sign")
     for k, (image, rec) in zip(range(n), signs):
-        with_gt_prior(pipe, image)
+        ids = gt_ids(pipe, image)
         other = "".join(chr(65 + (ord(c) - 65 + 13) % 26) for c in rec["word"])  # ROT13: every letter differs
-        a, b = (pipe(f'a sign that says "{w}"', seed=k).images[0] for w in (rec["word"], other))
-        c = pipe(rec["text"], seed=k + 1000).images[0]
+        a, b = (pipe(f'a sign that says "{w}"', seed=k, prior_token_ids=ids).images[0] for w in (rec["word"], other))
+        c = pipe(rec["text"], seed=k + 1000, prior_token_ids=ids).images[0]
         changes.append(text_change(a, b, rec["text_bbox"]))
         noise.append(text_change(a, c, rec["text_bbox"]))
         reads.append((rec["word"], read_sign(a), other, read_sign(b)))
-    del pipe._prior
     return float(np.mean(changes)), float(np.mean(noise)), reads
 
 

@@ -34,7 +34,7 @@ from .models.dit import GlmImageDiT, RefKV
 from .models.glyph import GlyphEncoder
 from .models.vae import AutoencoderKL
 from .prior import Prior, normalize_images, run_prior
-from .prompt import GlmTokenizer
+from .prompt import GlmTokenizer, check_size, target_grids
 
 # The shipped default model (preset `shapes`, trained by scripts/train_shapes.sh): used when no model is named.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes"
@@ -227,6 +227,21 @@ class GlmImagePipeline:
             g = seed_generator(generator, seed, self.device)
             return run_prior(ar, self.tokenizer, prompts, height, width, images, g, self.progress)
 
+    def _given_prior(self, ids: torch.Tensor, n_prompts: int, height: int, width: int, images) -> Prior:
+        if images:
+            raise ValueError("prior_token_ids is for text-to-image; with source images the AR must run")
+        check_size(height, width, self.ar.cfg)
+        th, tw, _, _ = target_grids(height, width, self.ar.cfg)
+        want = (n_prompts, 4 * th * tw)
+        if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != want or ids.is_floating_point():
+            got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"prior_token_ids must be an integer tensor of shape {want} (prompts, 4 * {th} * {tw} "
+                             f"for {height}x{width}), got {got}")
+        n = self.dit.cfg.prior_vq_quantizer_codebook_size
+        if int(ids.min()) < 0 or int(ids.max()) >= n:
+            raise ValueError(f"prior_token_ids must lie in [0, {n}), got [{int(ids.min())}, {int(ids.max())}]")
+        return Prior(ids.long(), (th, tw), ids.long(), None, None)
+
     def _reference_kv(self, images: list[list], prior: Prior, n_per_prompt: int) -> RefKV:
         """Per sample: VAE-encode each source image, one DiT "write" pass at timestep 0 -> K/V of its tokens."""
         samples = []
@@ -254,7 +269,9 @@ class GlmImagePipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None, generator=None,
                  seed: int | None = None,
                  num_images_per_prompt: int = 1, latents: torch.Tensor | None = None, output_type: str = "pil",
-                 callback_on_step_end=None) -> GlmImageOutput:
+                 callback_on_step_end=None, prior_token_ids: torch.Tensor | None = None) -> GlmImageOutput:
+        """prior_token_ids: (B, 4 * H/32 * W/32) ids as `generate_prior_tokens` returns them (one per DiT patch);
+        given, the AR does not run (text-to-image only) -- e.g. to draw several decoder samples of one AR draw."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
@@ -284,7 +301,10 @@ class GlmImagePipeline:
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
 
-        prior = self._prior(prompts, height, width, images, generator, None)
+        if prior_token_ids is None:
+            prior = self._prior(prompts, height, width, images, generator, None)
+        else:
+            prior = self._given_prior(prior_token_ids, len(prompts), height, width, images)
         B = len(prompts) * num_images_per_prompt
         do_cfg = guidance_scale > 1  # like the reference: g <= 1 runs the conditional branch alone
         with self._on_device(self.glyph_encoder) as enc:

@@ -19,12 +19,12 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 RECIPES = Path(__file__).parent / "recipes"
-STAGES = ("vae", "tokenizer", "ar", "decoder")
+STAGES = ("vae", "tokenizer", "ar", "decoder", "grpo")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: str  # vae | tokenizer | ar | decoder
+    stage: str  # vae | tokenizer | ar | decoder | grpo
     preset: str = "tiny"  # model architecture, a name in glimage.config.PRESETS
     model: dict = field(default_factory=dict)  # dotted overrides of the preset ("ar.text.num_hidden_layers": 4)
     base: str = ""  # GLM-Image folder giving initial weights of the trained part and the frozen parts; "" = random
@@ -73,6 +73,9 @@ class TrainConfig:
     freeze_encoder: bool = False  # vae: train the decoder only; latents and their statistics stay the base's
     commit_weight: float = 0.25  # tokenizer: VQ commitment loss weight (beta)
     refit_codes: int = 0  # tokenizer: at export, move up to this many unused codes onto the worst-served outputs
+    group_size: int = 8  # grpo: images drawn per caption (the group whose rewards set the advantages)
+    reward: str = "shapes"  # grpo: reward of a decoded image (glimage.train.stages.grpo.REWARDS)
+    reward_steps: int = 10  # grpo: Euler steps of the frozen decoder drawing the images the reward scores
     lora_rank: int = 0  # > 0: LoRA fine-tuning of the stage's transformer from `base`
     lora_alpha: float = 16.0
     lora_merge: bool = True  # export merged weights (official layout) or keep the adapter separate
@@ -100,6 +103,10 @@ class TrainConfig:
         if self.train_glyph and self.lora_rank:
             raise ValueError(f"train_glyph=true trains the glyph encoder fully; it does not combine with LoRA "
                              f"(lora_rank={self.lora_rank})")
+        if self.stage == "grpo" and self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size} must be >= 2 (GRPO compares the samples of a group)")
+        if self.reward_steps < 1:
+            raise ValueError(f"reward_steps={self.reward_steps} must be >= 1")
         if self.freeze_encoder and not self.base:
             raise ValueError("freeze_encoder=true needs a base folder whose VAE encoder to keep")
 

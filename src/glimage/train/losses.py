@@ -79,3 +79,23 @@ def code_usage(ids: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.T
     entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
     used = counts > 0
     return used, entropy.exp(), used.float().mean()
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's advantages: rewards (B, G) of G samples per prompt, normalised within each group (minus the group
+    mean, over its std). A group whose samples all score alike carries no signal and gets 0."""
+    r = rewards.float()
+    std = r.std(dim=1, keepdim=True, unbiased=False)
+    return (r - r.mean(dim=1, keepdim=True)) / (std + eps)
+
+
+def policy_gradient_loss(logits: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-A_i * log p(token) summed over every sampled token (B, N) of every sample i, count = B * N.
+
+    On-policy GRPO with one update per batch of samples: the clipped ratio pi/pi_old is 1, so the objective is
+    the group-normalised REINFORCE term, averaged per token (DAPO's token-level normalisation). log p is taken
+    under the temperature the tokens were sampled with (logits (B, N, V))."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None])[..., 0]
+    loss = -(advantages.float()[:, None].to(logp.device) * logp).sum()
+    return loss, torch.tensor(float(tokens.numel()), device=logits.device)

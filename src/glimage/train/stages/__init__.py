@@ -5,6 +5,7 @@ tokenizer  ViT + cosine VQ codebook: VQ-VAE through an auxiliary decoder, STE, c
            dead-code revival                                                              (stages/tokenizer.py)
 ar         GLM-4 decoder: next-token CE over preview grid, large grid, end-of-image       (stages/ar.py)
 decoder    DiT: flow matching with the inference sigma shift, prior tokens, glyphs, CFG drop (stages/decoder.py)
+grpo       the AR post-trained with GRPO: group-normalised reward of its decoded images    (stages/grpo.py)
 Each export writes a complete GLM-Image folder: the base folder with the trained component replaced.
 """
 
@@ -27,4 +28,7 @@ def make_stage(cfg: TrainConfig, dataset=None):
     if cfg.stage == "decoder":
         from .decoder import DecoderStage
         return DecoderStage(cfg, dataset)
-    raise ValueError(f"stage={cfg.stage!r} must be one of vae, tokenizer, ar, decoder")
+    if cfg.stage == "grpo":
+        from .grpo import GRPOStage
+        return GRPOStage(cfg, dataset)
+    raise ValueError(f"stage={cfg.stage!r} must be one of vae, tokenizer, ar, decoder, grpo")

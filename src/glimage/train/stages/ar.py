@@ -31,7 +31,7 @@ from torch import nn
 
 from ...config import ARConfig
 from ...checkpoint import load_strict
-from ...models.ar import GlmImageAR, TextModel
+from ...models.ar import GlmImageAR, KVCache, TextModel
 from ...prompt import GlmTokenizer, build_prompts, check_size, target_grids
 from ...sampling import prefill_mask
 from ..config import TrainConfig
@@ -55,10 +55,16 @@ class ARModel(nn.Module):
         self.language_model = TextModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vision_vocab_size, bias=False)
 
-    def forward(self, input_ids, position_ids, mask=None, start: int = 0) -> torch.Tensor:
-        """Logits (B, L - start, V) of positions start.. (the head runs on the predicting positions only)."""
-        h = self.language_model(input_ids, position_ids, mask)
+    def forward(self, input_ids, position_ids, mask=None, start: int = 0, cache: KVCache | None = None,
+                pos: int = 0) -> torch.Tensor:
+        """Logits (B, L - start, V) of positions start.. (the head runs on the predicting positions only).
+        With a KV cache (sampling, stage grpo) input_ids sit at positions pos.. of the cached sequence."""
+        h = self.language_model(input_ids, position_ids, mask, cache, pos)
         return self.lm_head(h[:, start:])
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.cfg.text, batch, max_len, p.device, p.dtype)
 
 
 @dataclass

@@ -71,11 +71,12 @@ def model_config(cfg: TrainConfig, trained: tuple[str, ...]) -> tuple[GlmImageCo
     return (replace(base, **overrides) if overrides else base), base
 
 
-def random_pipeline(model_cfg: GlmImageConfig, seed: int):
-    """The preset with random weights (CPU, fp32) exactly as export writes it when there is no base folder."""
+def random_pipeline(model_cfg: GlmImageConfig, seed: int, device="cpu", dtype=torch.float32):
+    """The preset with random weights (CPU, fp32 by default) exactly as export writes it when there is no base
+    folder."""
     from ...pipeline import GlmImagePipeline
     with torch.random.fork_rng(devices=[]):  # from_config seeds the global RNG; leave the caller's alone
-        return GlmImagePipeline.from_config(model_cfg, seed=seed, device="cpu", dtype=torch.float32)
+        return GlmImagePipeline.from_config(model_cfg, seed=seed, device=device, dtype=dtype)
 
 
 def seeded_init(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
