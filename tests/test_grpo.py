@@ -106,6 +106,17 @@ def test_no_reward_spread_gives_no_gradient(tmp_path):
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
+def test_positive_only_reinforces_the_better_draws_alone(tmp_path):
+    st, model = grpo_stage(tmp_path, positive_only=True)
+    out = st.step(model, st.collate(DATA), torch.Generator().manual_seed(0))
+    assert out.loss_sum.item() > 0  # -A log p with A >= 0 (log p < 0): no term pushes a draw down
+    plain, model2 = grpo_stage(tmp_path)
+    both = plain.step(model2, plain.collate(DATA), torch.Generator().manual_seed(0))
+    assert both.loss_sum.item() < out.loss_sum.item()  # same draws (same seeds); the negative terms lower it
+    with pytest.raises(ValueError, match="positive_only"):
+        TrainConfig(stage="ar", positive_only=True)
+
+
 def test_grpo_runs_through_the_training_loop_and_exports(tmp_path):
     loop = pytest.importorskip("glimage.train.loop")
     cfg = load_config("shapes-grpo", ["preset=tiny", "base=", "steps=2", "data_n=4", "batch_size=2", "group_size=2",

@@ -76,6 +76,7 @@ class TrainConfig:
     group_size: int = 8  # grpo: images drawn per caption (the group whose rewards set the advantages)
     reward: str = "shapes"  # grpo: reward of a decoded image (glimage.train.stages.grpo.REWARDS)
     reward_steps: int = 10  # grpo: Euler steps of the frozen decoder drawing the images the reward scores
+    positive_only: bool = False  # grpo: drop the terms of draws below their group's mean (advantage < 0)
     lora_rank: int = 0  # > 0: LoRA fine-tuning of the stage's transformer from `base`
     lora_alpha: float = 16.0
     lora_merge: bool = True  # export merged weights (official layout) or keep the adapter separate
@@ -103,6 +104,8 @@ class TrainConfig:
         if self.train_glyph and self.lora_rank:
             raise ValueError(f"train_glyph=true trains the glyph encoder fully; it does not combine with LoRA "
                              f"(lora_rank={self.lora_rank})")
+        if self.positive_only and self.stage != "grpo":
+            raise ValueError(f"positive_only=true is for the grpo stage only (stage={self.stage!r})")
         if self.stage == "grpo" and self.group_size < 2:
             raise ValueError(f"group_size={self.group_size} must be >= 2 (GRPO compares the samples of a group)")
         if self.reward_steps < 1:
