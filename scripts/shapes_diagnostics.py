@@ -11,6 +11,8 @@ glyph:    whether the DiT reads the quoted word -- for eval signs, DiT + VAE on 
           and the letters Tesseract reads in each.
 purity:   how well the tokenizer's codes keep colour -- over 16 px patches of training images that hold part of
           an object (>= 20 non-white pixels), how often a patch's palette colour is its code's most common one.
+held-out codes: the same for eval images' object patches, seen pairs apart from held-out ones (green triangles,
+          yellow circles), with the code's most common colour and object shape over 600 training images.
 """
 
 from __future__ import annotations
@@ -98,6 +100,48 @@ def purity(pipe, n: int) -> tuple[float, int]:
     return sum(max(c.values()) for c in stats.values()) / total, len(used)
 
 
+def _object_patches(pipe, image, rec):
+    """(code, palette colour, shape of the record's object of that colour or None) per 16 px object patch."""
+    palette, names = np.array(list(COLORS.values())), list(COLORS)
+    a, ids = np.asarray(image).astype(int), vq_ids(pipe, image).numpy()
+    p = 128 // ids.shape[0]
+    for y, x in np.ndindex(*ids.shape):
+        patch = a[y * p:(y + 1) * p, x * p:(x + 1) * p].reshape(-1, 3)
+        fg = patch[(patch != 255).any(1)]
+        if len(fg) >= 20:
+            nearest = ((fg[:, None] - palette[None]) ** 2).sum(-1).argmin(1)
+            color = names[np.bincount(nearest, minlength=len(names)).argmax()]
+            shapes = [o["shape"] for o in rec["objects"] if o["color"] == color]
+            yield int(ids[y, x]), color, shapes[0] if len(shapes) == 1 else None
+
+
+@torch.no_grad()
+def held_out_codes(pipe, n_train: int, n_eval: int) -> dict[str, tuple[float, float]]:
+    """Per eval object patch (held-out pair or seen pair): is the patch's colour, and its object's shape, the
+    most common one under its code over the training images? -> {kind: (colour kept, shape kept)}."""
+    colours, shapes = defaultdict(Counter), defaultdict(Counter)
+    for i in range(n_train):
+        image, rec = render_sample("train", 0, i)
+        if rec["template"] != "sign":
+            for code, color, shape in _object_patches(pipe, image, rec):
+                colours[code][color] += 1
+                if shape:
+                    shapes[code][shape] += 1
+    hits = defaultdict(lambda: [0, 0, 0, 0])
+    for i in range(n_eval):
+        image, rec = render_sample("eval", 0, i)
+        if rec["template"] == "sign":
+            continue
+        for code, color, shape in _object_patches(pipe, image, rec):
+            h = hits["held_out" if (color, shape) in HELD_OUT else "seen"]
+            h[0] += 1
+            h[1] += bool(colours[code]) and colours[code].most_common(1)[0][0] == color
+            if shape:
+                h[2] += 1
+                h[3] += bool(shapes[code]) and shapes[code].most_common(1)[0][0] == shape
+    return {k: (c / max(n, 1), s / max(ns, 1)) for k, (n, c, ns, s) in hits.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped model)")
@@ -115,6 +159,9 @@ def main() -> None:
           f"word's ids; (word, read, other word, read):", reads)
     share, used = purity(pipe, 300)
     print(f"purity: {share:.1%} of object patches have their code's most common colour; {used} codes used")
+    kept = held_out_codes(pipe, 600, 400)
+    print("held-out codes (600 train / 400 eval images; colour kept, shape kept):",
+          {k: f"{c:.0%}, {s:.0%}" for k, (c, s) in kept.items()})
 
 
 if __name__ == "__main__":

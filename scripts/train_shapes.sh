@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains the shipped default model (preset `shapes`) from scratch with the shapes-* recipes (vae, vae-colour,
-# tokenizer, ar, decoder, vae-decoder, then grpo on the assembled model), one stage after
+# tokenizer, ar, decoder, vae-decoder), one stage after
 # another, then assembles and stores it where the package looks for it (src/glimage/assets/shapes).
 # Rerunning resumes every stage from its last checkpoint (a finished stage with an export is skipped).
 # The AR and the decoder both start from the tokenizer's export and need nothing from each other, so they
@@ -34,11 +34,7 @@ else
   stage decoder
   stage vae-decoder
 fi
-DEFAULTS="height=128 width=128 num_inference_steps=20 guidance_scale=2.0"
-# the assembled model in float32: the base of the GRPO stage, which draws and scores images with it
 python -m glimage.train.ship --ar runs/shapes-ar/export --decoder runs/shapes-decoder/export \
-  --vae runs/shapes-vae-decoder/export --out runs/shapes-model --defaults $DEFAULTS
-stage grpo
-python -m glimage.train.ship --ar runs/shapes-grpo/export --decoder runs/shapes-grpo/export --out "$OUT" \
-  --dtype float16 --defaults $DEFAULTS
+  --vae runs/shapes-vae-decoder/export --out "$OUT" \
+  --dtype float16 --defaults height=128 width=128 num_inference_steps=20 guidance_scale=2.0
 echo "total $SECONDS s" | tee -a "$times"

@@ -1,5 +1,6 @@
 """The shipped default model (preset `shapes`, package assets) and the tools that assemble and ship it."""
 
+import os
 import re
 import subprocess
 import sys
@@ -65,8 +66,10 @@ def test_readme_first_command_draws_a_correct_image(tmp_path, default_pipe):
     spec = {"prompt": prompt, "category": "positioned", "template": "top_bottom", "position": m[3], "word": None,
             "objects": [{"color": m[1], "shape": m[2]}]}
     out = tmp_path / "out.png"
+    # one thread, as in this process (conftest): another thread count may round one pixel differently
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "glimage.cli", "generate", prompt, "-o", str(out), "-q"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     image = Image.open(out).convert("RGB")
     assert image.size == (128, 128)  # the folder's default size
