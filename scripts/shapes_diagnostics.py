@@ -77,42 +77,38 @@ def glyph_effect(pipe, n: int) -> tuple[float, float, list[tuple[str, str, str, 
     return float(np.mean(changes)), float(np.mean(noise)), reads
 
 
-@torch.no_grad()
-def purity(pipe, n: int) -> tuple[float, int]:
-    palette, names = np.array(list(COLORS.values())), list(COLORS)
-    stats: dict[int, Counter] = defaultdict(Counter)
-    used = set()
-    for i in range(n):
-        image, rec = render_sample("train", 0, i)
-        if rec["template"] == "sign":
-            continue
-        a = np.asarray(image).astype(int)
-        ids = vq_ids(pipe, image).numpy()
-        p = 128 // ids.shape[0]
-        for y, x in np.ndindex(*ids.shape):
-            used.add(int(ids[y, x]))
-            patch = a[y * p:(y + 1) * p, x * p:(x + 1) * p].reshape(-1, 3)
-            fg = patch[(patch != 255).any(1)]
-            if len(fg) >= 20:
-                nearest = ((fg[:, None] - palette[None]) ** 2).sum(-1).argmin(1)
-                stats[int(ids[y, x])][names[np.bincount(nearest, minlength=len(names)).argmax()]] += 1
-    total = sum(sum(c.values()) for c in stats.values())
-    return sum(max(c.values()) for c in stats.values()) / total, len(used)
-
-
-def _object_patches(pipe, image, rec):
-    """(code, palette colour, shape of the record's object of that colour or None) per 16 px object patch."""
+def _patches(pipe, image, rec):
+    """Per 16 px patch: (code, palette colour of an object patch (>= 20 non-white pixels) or None, shape of the
+    record's one object of that colour or None)."""
     palette, names = np.array(list(COLORS.values())), list(COLORS)
     a, ids = np.asarray(image).astype(int), vq_ids(pipe, image).numpy()
     p = 128 // ids.shape[0]
     for y, x in np.ndindex(*ids.shape):
         patch = a[y * p:(y + 1) * p, x * p:(x + 1) * p].reshape(-1, 3)
         fg = patch[(patch != 255).any(1)]
+        color = shape = None
         if len(fg) >= 20:
             nearest = ((fg[:, None] - palette[None]) ** 2).sum(-1).argmin(1)
             color = names[np.bincount(nearest, minlength=len(names)).argmax()]
             shapes = [o["shape"] for o in rec["objects"] if o["color"] == color]
-            yield int(ids[y, x]), color, shapes[0] if len(shapes) == 1 else None
+            shape = shapes[0] if len(shapes) == 1 else None
+        yield int(ids[y, x]), color, shape
+
+
+@torch.no_grad()
+def purity(pipe, n: int) -> tuple[float, int]:
+    stats: dict[int, Counter] = defaultdict(Counter)
+    used = set()
+    for i in range(n):
+        image, rec = render_sample("train", 0, i)
+        if rec["template"] == "sign":
+            continue
+        for code, color, _ in _patches(pipe, image, rec):
+            used.add(code)
+            if color:
+                stats[code][color] += 1
+    total = sum(sum(c.values()) for c in stats.values())
+    return sum(max(c.values()) for c in stats.values()) / total, len(used)
 
 
 @torch.no_grad()
@@ -123,7 +119,9 @@ def held_out_codes(pipe, n_train: int, n_eval: int) -> dict[str, tuple[float, fl
     for i in range(n_train):
         image, rec = render_sample("train", 0, i)
         if rec["template"] != "sign":
-            for code, color, shape in _object_patches(pipe, image, rec):
+            for code, color, shape in _patches(pipe, image, rec):
+                if color is None:
+                    continue
                 colours[code][color] += 1
                 if shape:
                     shapes[code][shape] += 1
@@ -132,7 +130,9 @@ def held_out_codes(pipe, n_train: int, n_eval: int) -> dict[str, tuple[float, fl
         image, rec = render_sample("eval", 0, i)
         if rec["template"] == "sign":
             continue
-        for code, color, shape in _object_patches(pipe, image, rec):
+        for code, color, shape in _patches(pipe, image, rec):
+            if color is None:
+                continue
             h = hits["held_out" if (color, shape) in HELD_OUT else "seen"]
             h[0] += 1
             h[1] += bool(colours[code]) and colours[code].most_common(1)[0][0] == color

@@ -30,7 +30,7 @@ from torch import nn
 
 from ...device import manual_generator
 from ...prior import upsample_ids
-from ...prompt import build_prompts, target_grids
+from ...prompt import build_prompts
 from ...sampling import generate_grid_tokens
 from ..config import TrainConfig
 from ..losses import group_advantages, policy_gradient_loss
@@ -149,9 +149,9 @@ class GRPOStage(ARStage):
         texts = [t for t in batch["texts"] for _ in range(G)]  # each caption's group is contiguous
         # each group from its caption's own seed (its place in the global batch): the same draws for any split
         # of the batch over ranks and accumulation steps
-        seeds = [int(torch.randint(0, 2**62, (1,), generator=g)) for g in
-                 sample_generators(batch, generator, len(batch["texts"]))]
-        draws = [self.draw(model, [t] * G, manual_generator(self.device, s)) for t, s in zip(batch["texts"], seeds)]
+        gens = [manual_generator(self.device, g.initial_seed())
+                for g in sample_generators(batch, generator, len(batch["texts"]))]
+        draws = [self.draw(model, [t] * G, g) for t, g in zip(batch["texts"], gens)]
         tokens, prompts = torch.cat([d[0] for d in draws]), draws[0][1]
         images = [im for d in draws for im in d[2]]
         rewards = torch.tensor(self.reward(images, [r for r in batch["records"] for _ in range(G)]))
