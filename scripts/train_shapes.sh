@@ -36,5 +36,5 @@ else
 fi
 python -m glimage.train.ship --ar runs/shapes-ar/export --decoder runs/shapes-decoder/export \
   --vae runs/shapes-vae-decoder/export --out "$OUT" \
-  --dtype float16 --defaults height=128 width=128 num_inference_steps=20 guidance_scale=2.0
+  --dtype float16 --defaults height=128 width=128 num_inference_steps=20 guidance_scale=3.0
 echo "total $SECONDS s" | tee -a "$times"
