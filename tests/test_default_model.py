@@ -131,3 +131,25 @@ def test_assemble_refuses_exports_of_different_tokenizers(tmp_path):
     _export(tmp_path, "dec", 1)
     with pytest.raises(ValueError, match="different VQ tokenizers"):
         assemble(tmp_path / "ar", tmp_path / "dec", tmp_path / "model")
+
+
+def test_grow_inserts_identity_layers_that_training_opens(tmp_path):
+    from glimage.train.grow import grow_folder, grow_layers
+    base = _export(tmp_path, "base", 0)
+    base.set_progress_bar_config(disable=True)
+    n = base.ar.cfg.text.num_hidden_layers
+    assert grow_folder(tmp_path / "base", tmp_path / "grown", [0, n - 1]) == n + 2
+    grown = GlmImagePipeline.from_pretrained(tmp_path / "grown", device="cpu")  # strict load of n + 2 layers
+    grown.set_progress_bar_config(disable=True)
+    a = base("a red circle", seed=0, height=64, width=64, num_inference_steps=2, output_type="np").images
+    b = grown("a red circle", seed=0, height=64, width=64, num_inference_steps=2, output_type="np").images
+    assert np.array_equal(a, b)  # the same tokens and image: the new layers are exactly the identity
+    new, old = grown.ar.language_model.layers[1], base.ar.language_model.layers[0]
+    assert torch.equal(new.self_attn.q_proj.weight, old.self_attn.q_proj.weight)
+    assert not new.post_mlp_layernorm.weight.any() and not new.post_self_attn_layernorm.weight.any()
+    ids = torch.randint(0, 100, (1, 5))
+    pos = torch.arange(5).expand(3, 1, 5)
+    grown.ar.language_model(ids, pos).square().mean().backward()
+    assert new.post_mlp_layernorm.weight.grad.abs().sum() > 0  # gradient reaches the closed layer at once
+    with pytest.raises(ValueError, match=rf"in 0\.\.{n - 1}"):
+        grow_layers(base.ar.state_dict(), n, [n])
