@@ -152,4 +152,6 @@ def test_grow_inserts_identity_layers_that_training_opens(tmp_path):
     grown.ar.language_model(ids, pos).square().mean().backward()
     assert new.post_mlp_layernorm.weight.grad.abs().sum() > 0  # gradient reaches the closed layer at once
     with pytest.raises(ValueError, match=rf"in 0\.\.{n - 1}"):
-        grow_layers(base.ar.state_dict(), n, [n])
+        grow_layers({}, n, [n])
+    with pytest.raises(ValueError, match="exists"):  # never overwrites a folder
+        grow_folder(tmp_path / "base", tmp_path / "grown", [0])

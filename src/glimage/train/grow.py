@@ -25,7 +25,7 @@ import torch
 
 from ..checkpoint import read_json, read_state_dict, save_state_dict, write_json
 
-LAYER = re.compile(r"^(model\.language_model\.layers\.)(\d+)\.(.+)$")
+LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.(.+)$")
 ZEROED = ("post_self_attn_layernorm.weight", "post_mlp_layernorm.weight")
 
 
@@ -40,7 +40,7 @@ def grow_layers(state_dict: dict[str, torch.Tensor], n_layers: int,
     for key, value in state_dict.items():
         m = LAYER.match(key)
         if m:
-            layers.setdefault(int(m[2]), {})[m[3]] = value
+            layers.setdefault(int(m[1]), {})[m[2]] = value
         else:
             out[key] = value
     if sorted(layers) != list(range(n_layers)):
@@ -56,16 +56,17 @@ def grow_layers(state_dict: dict[str, torch.Tensor], n_layers: int,
 
 
 def grow_folder(base: str | Path, out: str | Path, after: list[int]) -> int:
-    """Copy the model folder `base` to `out` with its AR grown; returns the new layer count."""
+    """Copy the model folder `base` to the new folder `out` with its AR grown; returns the new layer count."""
     base, out = Path(base), Path(out)
     if not (base / "vision_language_encoder").is_dir():
         raise FileNotFoundError(f"{base} is not a GLM-Image folder (no vision_language_encoder/)")
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists():
+        raise ValueError(f"{out} exists; name a new folder (nothing is overwritten)")
+    cfg = read_json(base / "vision_language_encoder" / "config.json")
+    n = cfg["text_config"]["num_hidden_layers"]
+    sd = grow_layers(read_state_dict(base / "vision_language_encoder"), n, after)  # checked before writing
     shutil.copytree(base, out)
     part = out / "vision_language_encoder"
-    cfg = read_json(part / "config.json")
-    n = cfg["text_config"]["num_hidden_layers"]
-    sd = grow_layers(read_state_dict(part), n, after)
     for f in part.glob("*.safetensors*"):
         f.unlink()
     save_state_dict(sd, part, "model.safetensors")
