@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+# One thread in this process and in the CLI subprocesses the tests start (`--threads auto` respects it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):

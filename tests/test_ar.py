@@ -9,8 +9,8 @@ from glimage.convert.ar import config_to_official, from_official, load_ar, save_
 from glimage.image import preprocess_source
 from glimage.models.ar import GlmImageAR
 from glimage.pipeline import GlmImagePipeline
-from glimage.prompt import check_size
 from glimage.sampling import generate_grid_tokens, prefill_mask, sample, warp
+from glimage.validate import check_target_size
 
 
 def _tiny_ar(seed=0, **changes):
@@ -84,7 +84,8 @@ def test_warpers_match_definitions():
 
 def test_official_preset_matches_reference_layout():
     pytest.importorskip("transformers")
-    from transformers import GlmImageConfig as RefConfig, GlmImageForConditionalGeneration
+    from transformers import GlmImageConfig as RefConfig
+    from transformers import GlmImageForConditionalGeneration
     cfg = PRESETS["glm-image"].ar
     with torch.device("meta"):
         ref = GlmImageForConditionalGeneration(RefConfig(**{k: v for k, v in config_to_official(cfg).items()
@@ -122,25 +123,36 @@ def test_save_loads_in_reference_with_equal_logits(tmp_path):
     assert again.cfg == model.cfg
 
 
-@pytest.mark.parametrize("h,w,msg", [(100, 64, "multiple of 32"), (64, 1024, "outside the supported range"),
-                                     (32, 32, "outside the supported range"), (64, 256 + 32, "outside"),
-                                     (64, 192, "aspect ratio 64x192 = 3.00 exceeds the maximum 2")])
+@pytest.mark.parametrize("h,w,msg", [(100, 64, "height=100 is not a size this model draws"), (0, 64, "height=0"),
+                                     (64, 16, "width=16"), (64, 64 * 300, "too elongated"), (64.0, 64, "height=64.0")])
 def test_bad_sizes(h, w, msg):
-    cfg = replace(PRESETS["tiny"].ar, max_aspect_ratio=2.0)
+    """Only what cannot work is refused for a model without a stated range (the reference draws the rest)."""
+    cfg = PRESETS["tiny"].ar
     with pytest.raises(ValueError, match=msg):
-        check_size(h, w, cfg)
+        check_target_size(h, w, cfg)
+    check_target_size(32, 32, cfg)
+    check_target_size(64, 2048, cfg)  # beyond the ViT's table and aspect 4: the target grid needs neither
+
+
+def test_official_model_keeps_zhipus_range(tmp_path):
+    from glimage.convert.ar import config_from_official, config_to_official
     official = PRESETS["glm-image"].ar
-    check_size(1024, 1024, official)
-    with pytest.raises(ValueError, match=r"\[512, 2048\]"):
-        check_size(4096, 1024, official)
+    check_target_size(1024, 1024, official)
+    with pytest.raises(ValueError, match=r"width=4096 .* multiple of 32 in \[512, 2048\]"):
+        check_target_size(1024, 4096, official)
+    with pytest.raises(ValueError, match=r"height=256"):
+        check_target_size(256, 1024, official)
+    # the published folder carries no size range: its architecture gets Zhipu's; a tiny one gets none
+    assert config_from_official(config_to_official(official)).size_range == (512, 2048)
+    assert config_from_official(config_to_official(PRESETS["tiny"].ar)).size_range == (32, None)
 
 
 def test_bad_source_images(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="not a readable image"):
+    with pytest.raises(ValueError, match="not an image file"):
         preprocess_source(bad, 16, 32 * 32, 128 * 128)
-    with pytest.raises(ValueError, match="file not found"):
+    with pytest.raises(ValueError, match="no such file"):
         preprocess_source(tmp_path / "missing.png", 16, 32 * 32, 128 * 128)
     from PIL import Image
     with pytest.raises(ValueError, match="too small"):
@@ -180,5 +192,5 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 
 def test_pipeline_rejects_non_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a GLM-Image folder"):
+    with pytest.raises(ValueError, match="not a GLM-Image folder"):
         GlmImagePipeline.from_pretrained(tmp_path)

@@ -53,14 +53,16 @@ def test_shipped_model_draws_single_objects(default_pipe):
 
 
 def test_readme_first_command_draws_a_correct_image(tmp_path, default_pipe):
-    """The README's first command (default model, CLI seed 0) writes the API's image, and the checker
-    finds exactly what its prompt asks for."""
+    """The README's first command (default model, its seed) writes the API's image, and the checker finds
+    exactly what its prompt asks for."""
     from pathlib import Path
+
     from PIL import Image
+
     from glimage.eval.shapes import check
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    prompt = re.search(r"glimage generate '([^']+)' -o out\.png", readme).group(1)
+    prompt, seed = re.search(r"glimage generate '([^']+)' --seed (\d+) -o out\.png", readme).groups()
     m = re.fullmatch(r"a (\w+) (\w+) at the (top|bottom)", prompt)
     assert m, f"README prompt {prompt!r}: the test knows the `at the top|bottom` template only"
     spec = {"prompt": prompt, "category": "positioned", "template": "top_bottom", "position": m[3], "word": None,
@@ -68,12 +70,12 @@ def test_readme_first_command_draws_a_correct_image(tmp_path, default_pipe):
     out = tmp_path / "out.png"
     # one thread, as in this process (conftest): another thread count may round one pixel differently
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "glimage.cli", "generate", prompt, "-o", str(out), "-q"],
+    r = subprocess.run([sys.executable, "-m", "glimage.cli", "generate", prompt, "--seed", seed, "-o", str(out), "-q"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     image = Image.open(out).convert("RGB")
     assert image.size == (128, 128)  # the folder's default size
-    expected = default_pipe(prompt, seed=0).images[0]  # CLI seed 0
+    expected = default_pipe(prompt, seed=int(seed)).images[0]
     assert np.array_equal(np.asarray(image), np.asarray(expected))
     ok, detail = check(image, spec)
     assert ok, detail

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from glimage.config import PRESETS
-from glimage.convert.dit import (config_from_official, config_to_official, from_official, load_dit, save_dit,
-                                 to_official)
+from glimage.convert.dit import config_from_official, config_to_official, from_official, load_dit, save_dit, to_official
 from glimage.models.dit import GlmImageDiT, RefKV
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -170,6 +169,7 @@ def test_glyph_mask_batches_branches_of_different_length(ours, tiny_cfg):
 def test_bf16_matches_reference(ref, ref_dir, tiny_cfg):
     """Same precision choices as the reference (fp32 RoPE, sinusoids; LayerNorm outputs cast back)."""
     import copy
+
     from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
     cfg = tiny_cfg.dit
     ours = load_dit(ref_dir / "transformer", dtype=torch.bfloat16)
@@ -255,6 +255,7 @@ def test_config_defaults_follow_reference():
 @torch.no_grad()
 def test_round_trip_with_reference(ours, ref, ref_dir, tiny_cfg, tmp_path):
     from diffusers import GlmImageTransformer2DModel
+
     from glimage.checkpoint import read_state_dict
     sd = read_state_dict(ref_dir / "transformer")
     back = to_official(from_official(sd))
@@ -265,5 +266,8 @@ def test_round_trip_with_reference(ours, ref, ref_dir, tiny_cfg, tmp_path):
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     reloaded = GlmImageTransformer2DModel.from_pretrained(tmp_path).eval()
     x = make_inputs(tiny_cfg.dit, seed=11)
-    torch.testing.assert_close(run_ref(reloaded, x), ours(**x), rtol=0, atol=0)
+    # another implementation (diffusers): within the parity tolerance, never exactly (kernels differ by CPU;
+    # 1.8e-7 was measured on one machine of CI's kind)
+    torch.testing.assert_close(run_ref(reloaded, x), ours(**x), **TOL)
+    # the same code on the same weights in one process: bit-identical by construction
     torch.testing.assert_close(load_dit(tmp_path)(**x), ours(**x), rtol=0, atol=0)

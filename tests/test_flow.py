@@ -32,8 +32,10 @@ def test_schedule_matches_scheduler(kind, num_steps):
         sched = reference_schedule(num_steps, height, width, cfg)
         timesteps, sigmas = get_schedule(num_steps, height, width, cfg)
         assert sigmas.dtype == timesteps.dtype == torch.float32
-        assert torch.equal(sigmas, sched.sigmas), (height, width)
-        assert torch.equal(timesteps, sched.timesteps - 1), (height, width)  # the DiT is fed t - 1
+        # float32 against diffusers' own arithmetic: equal here, but libm/SIMD paths differ between CPUs, so
+        # allow a few ulps (sigmas <= 1, timesteps <= 1000)
+        torch.testing.assert_close(sigmas, sched.sigmas, rtol=0, atol=1e-6, msg=f"{height}x{width}")
+        torch.testing.assert_close(timesteps, sched.timesteps - 1, rtol=0, atol=1e-3, msg=f"{height}x{width}")
         assert sigmas[0] == 1 and sigmas[-1] == 0 and bool((sigmas[1:] < sigmas[:-1]).all())
 
 

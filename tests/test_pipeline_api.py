@@ -65,19 +65,6 @@ def test_offload_flag_keeps_results(pipe, folder):
     assert np.array_equal(_run(p, output_type="np").images, _run(pipe, output_type="np").images)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(num_inference_steps=0), "num_inference_steps=0 must be an integer >= 1"),
-    (dict(guidance_scale=-1.0), "guidance_scale=-1.0 must be >= 0"),
-    (dict(height=70), "height=70 must be a multiple of 32"),
-    (dict(width=1024), r"width=1024 is outside the supported range \[64, 256\]"),
-    (dict(image="/nonexistent.png"), "file not found"),
-    (dict(num_images_per_prompt=0), "num_images_per_prompt=0"),
-])
-def test_bad_input(pipe, kw, msg):
-    with pytest.raises(ValueError, match=msg):
-        _run(pipe, **kw)
-
-
 def test_prompt_longer_than_context(pipe):
     with pytest.raises(ValueError, match="exceeds the model's context of 4096 tokens"):
         pipe("x" * 5000, height=64, width=64, num_inference_steps=1)
@@ -88,15 +75,10 @@ def test_cli_generate_info_and_errors(folder, tmp_path, capsys):
     assert main(["generate", "a red circle", "--model", str(folder), "-o", str(out), "--height", "64", "--width",
                  "64", "--steps", "2", "-q"]) == 0
     assert Image.open(out).size == (64, 64)
-    bad = tmp_path / "b.png"
+    bad = tmp_path / "b.png"  # bad input of every kind: tests/test_bad_input.py
     assert main(["generate", "x", "--model", str(folder), "-o", str(bad), "--height", "70", "-q"]) == 2
-    assert "height=70 must be a multiple of 32" in capsys.readouterr().err
-    assert not bad.exists() and not list(tmp_path.glob("tmp*"))
-    assert main(["generate", "x", "--model", str(folder), "-o", str(bad), "--steps", "0", "-q"]) == 2
-    assert main(["generate", "x", "--model", str(folder), "-o", str(bad), "--guidance", "-2", "-q"]) == 2
-    assert main(["generate", "x", "--model", str(folder), "-o", str(bad), "--image", str(tmp_path / "no.png"),
-                 "-q"]) == 2
-    assert not bad.exists()
+    assert "height=70 is not a size this model draws: it must be a multiple of 32" in capsys.readouterr().err
+    assert not bad.exists() and not list(tmp_path.glob(".*tmp"))
     assert main(["info", str(folder)]) == 0
     text = capsys.readouterr().out
     assert "transformer" in text and "total" in text

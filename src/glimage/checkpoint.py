@@ -8,29 +8,65 @@ checkpoint is used, none is missing, every shape matches; the error names the of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from .validate import InputError, check_dataclass
 
 WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(InputError):
+    """A model folder that cannot be used as it is: a missing, unreadable or inconsistent file."""
 
 
 def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from a file, with the file named in every error."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"missing file {path}")
-    with open(path) as f:
-        return json.load(f)
+        raise CheckpointError(f"missing file {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} must hold a JSON object ({{...}}), got a {type(obj).__name__}")
+    return obj
+
+
+def read_config(path: str | os.PathLike, parse: Callable[[dict], object]):
+    """`parse(read_json(path))`, with the file named in any error: a config of the right JSON but wrong
+    content (a missing key, a string where a number belongs) is bad input, not a crash somewhere later.
+    A dataclass result has each field's type checked against its annotation."""
+    d = read_json(path)
+    try:
+        cfg = parse(d)
+        if dataclasses.is_dataclass(cfg):
+            check_dataclass(cfg)
+        return cfg
+    except InputError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{path} is not a valid config: {what}") from None
+
+
+def _open(path: Path, device: str = "cpu"):
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError) as e:
+        size = path.stat().st_size if path.exists() else 0
+        raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes: {e}); the download may "
+                              "be incomplete: fetch the file again") from None
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -46,7 +82,10 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     for name in WEIGHT_NAMES:
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(read_json(index)["weight_map"].values()))
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
+            shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index} names shards that are not there: {missing}")
@@ -65,11 +104,14 @@ def read_state_dict(folder: str | os.PathLike, device: torch.device | str = "cpu
     for path in weight_files(folder):
         # safetensors reads straight into the device's memory; "cpu" for meta/other devices
         load_dev = str(device) if device.type in ("cpu", "cuda") else "cpu"
-        with safe_open(str(path), framework="pt", device=load_dev) as f:
+        with _open(path, load_dev) as f:
             for key in f.keys():
                 if prefixes and not key.startswith(prefixes):
                     continue
-                t = f.get_tensor(key)
+                try:
+                    t = f.get_tensor(key)
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{path}: tensor {key!r} is not readable ({e})") from None
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
                 out[key] = t.to(device)
@@ -80,7 +122,7 @@ def tensor_headers(folder: str | os.PathLike) -> dict[str, tuple[tuple[int, ...]
     """Name -> (shape, dtype) of every tensor in a component folder, read from the headers only."""
     out = {}
     for path in weight_files(folder):
-        with safe_open(str(path), framework="pt") as f:
+        with _open(path) as f:
             for key in f.keys():
                 sl = f.get_slice(key)
                 out[key] = (tuple(sl.get_shape()), sl.get_dtype())
@@ -139,9 +181,16 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | os.PathLi
     write_json(folder / f"{name}.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
-    with torch.device("meta"):
-        return factory()
+def build_on_meta(factory: Callable[[], nn.Module], what: str = "model") -> nn.Module:
+    """The module on the meta device (no memory, no init). A config that passed its checks but describes
+    no buildable module (a zero or negative width) is reported as the folder's fault."""
+    try:
+        with torch.device("meta"):
+            return factory()
+    except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise CheckpointError(f"{what}: its config describes no buildable model ({type(e).__name__}: {e})") from None
 
 
 def rename(state_dict: dict[str, torch.Tensor], fn: Callable[[str], str]) -> dict[str, torch.Tensor]:

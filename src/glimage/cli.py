@@ -1,66 +1,149 @@
-"""`glimage` command line: generate, info, data. Thin: every subcommand maps onto the Python API."""
+"""`glimage` command line: generate, info, train, eval, data. Thin: every subcommand maps onto the Python API.
+
+Errors: bad input (glimage.validate.InputError: arguments, files, model folders) exits with status 2 and one
+line naming the value and the allowed range; anything else is a bug and exits with 1, a short message and a
+hint to rerun with --debug for the traceback. SIGTERM ends a run like Ctrl-C: cleanly, no partial file.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import secrets
+import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from . import __version__
+from .validate import InputError
+
+MAX_CLI_IMAGES = 1000  # --num-images: independent draws, one after another (memory stays that of one)
+
+
+def _model_spec(model: str | None) -> tuple[str, Path | None]:
+    """"random:PRESET" -> (preset, None); a folder -> ("", path); None -> the shipped model."""
+    from .pipeline import DEFAULT_MODEL
+    if model and model.startswith("random:"):
+        from .config import PRESETS
+        preset = model[len("random:"):]
+        if preset not in PRESETS:
+            raise InputError(f"--model {model!r}: unknown preset {preset!r}; presets: "
+                             f"{', '.join('random:' + p for p in PRESETS)}", "model")
+        return preset, None
+    path = Path(model) if model else DEFAULT_MODEL
+    if not (path / "vision_language_encoder").is_dir():
+        what = "does not exist" if not path.exists() else "is not a GLM-Image folder (no vision_language_encoder/)"
+        raise InputError(f"--model {str(path)!r} {what}; name the folder of an official or exported model "
+                         "(e.g. the zai-org/GLM-Image download), or random:PRESET", "model")
+    return "", path
+
 
 def _generate(args) -> int:
+    from .image import load_image
+    from .validate import MAX_GUIDANCE, check_float, check_int, check_output_paths, check_seed, check_text
+
+    # every check that needs no model runs before any model is loaded
+    prompt = check_text("prompt", args.prompt)
+    n = check_int("--num-images", args.num_images, 1, MAX_CLI_IMAGES)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    check_seed(seed, n)
+    if args.steps is not None:
+        check_int("--steps", args.steps, 1, 1000)
+    if args.guidance is not None:
+        check_float("--guidance", args.guidance, 0, MAX_GUIDANCE)
+    paths = check_output_paths(args.output, n)
+    sources = [load_image(p, "--image") for p in args.image or []]
+    preset, folder = _model_spec(args.model)
+    if folder is not None and (args.height is not None or args.width is not None):
+        _check_size_early(folder, args.height, args.width, bool(sources))
+
+    from .device import set_threads
     from .pipeline import GlmImagePipeline
 
-    out = Path(args.output)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise ValueError(f"output {str(out)!r} must end in .png, .jpg, .jpeg or .webp")
+    threads = set_threads(args.threads)
     t0 = time.perf_counter()
-    if args.model and args.model.startswith("random:"):  # any preset with random weights: smoke tests and benchmarks
-        pipe = GlmImagePipeline.from_config(args.model[len("random:"):], seed=0, device=args.device, dtype=args.dtype)
+    if preset:  # any preset with random weights: smoke tests and benchmarks
+        pipe = GlmImagePipeline.from_config(preset, seed=0, device=args.device, dtype=args.dtype)
     else:
-        pipe = GlmImagePipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                                offload=args.offload)
+        pipe = GlmImagePipeline.from_pretrained(folder, device=args.device, dtype=args.dtype, offload=args.offload)
     pipe.set_progress_bar_config(disable=args.quiet)
-    t1 = time.perf_counter()
-    result = pipe(args.prompt, image=args.image or None, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                  num_images_per_prompt=args.num_images)
-    t2 = time.perf_counter()
-    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
-                                                   for i in range(len(result.images))]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for img, path in zip(result.images, paths):
-        # write to a temporary file then rename: an interrupted run never leaves a partial image
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-        os.close(fd)
-        try:
-            img.save(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    load_s = time.perf_counter() - t0
+    if args.seed is None and not args.quiet:
+        print(f"seed {seed} (pass --seed {seed} to draw {'these' if n > 1 else 'this'} again)", file=sys.stderr)
+    from .outputs import save_image
+    for i, path in enumerate(paths):
+        t1 = time.perf_counter()
+        # independent draws, AR included: image i is exactly `--seed seed+i --num-images 1`
+        result = pipe(prompt, image=sources or None, height=args.height, width=args.width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed + i)
+        params = {**result.parameters, "model": args.model or "shipped", "glimage": __version__}
+        if args.image:
+            params["images"] = [Path(p).name for p in args.image]
+        save_image(result.images[0], path, params)
         print(path)
+        if not args.quiet:
+            print(f"  seed {seed + i}: {time.perf_counter() - t1:.2f}s", file=sys.stderr)
     if not args.quiet:
-        print(f"load {t1 - t0:.2f}s, generate {t2 - t1:.2f}s on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')})",
-              file=sys.stderr)
+        print(f"load {load_s:.2f}s on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')}, "
+              f"{threads} CPU thread{'s' if threads > 1 else ''})", file=sys.stderr)
     return 0
 
 
-def _info(args) -> int:
-    from .checkpoint import tensor_headers
+def _check_size_early(folder: Path, height, width, image_to_image: bool) -> None:
+    """The size rules of a folder from its JSON files alone, before minutes of weight loading. A side left
+    unset takes the folder's default; without one it is resolved (and checked) by the pipeline."""
+    from .checkpoint import read_json
     from .convert.ar import read_ar_config
+    from .validate import check_target_size
 
-    root = Path(args.path)
-    if not (root / "vision_language_encoder").is_dir():
-        raise ValueError(f"{root} is not a GLM-Image folder (no vision_language_encoder/)")
+    defaults = read_json(folder / "glimage.json") if (folder / "glimage.json").is_file() else {}
+    h = height if height is not None else defaults.get("height")
+    w = width if width is not None else defaults.get("width")
+    if h is not None and w is not None:
+        check_target_size(h, w, read_ar_config(folder), text_to_image=not image_to_image)
+
+
+def _info(args) -> int:
+    path = Path(args.path) if args.path else None
+    if path is not None and path.is_file():
+        return _info_image(path)
+    from .pipeline import DEFAULT_MODEL
+    _model_spec(str(path) if path else None)
+    return _info_folder(path or DEFAULT_MODEL, shipped=path is None)
+
+
+def _info_image(path: Path) -> int:
+    from .outputs import read_parameters
+
+    params = read_parameters(path)
+    if params is None:
+        raise InputError(f"{str(path)!r} carries no glimage generation parameters (not made by glimage "
+                         "generate, or its metadata was stripped)", "path")
+    print(path)
+    order = ["prompt", "seed", "width", "height", "num_inference_steps", "guidance_scale", "model", "images"]
+    for k in sorted(params, key=lambda k: order.index(k) if k in order else len(order)):
+        print(f"  {k:20s} {params[k]}")
+    return 0
+
+
+def _info_folder(root: Path, shipped: bool) -> int:
+    import math
+
+    from .checkpoint import read_json, tensor_headers
+    from .convert.ar import read_ar_config
+    from .pipeline import CALL_DEFAULTS
+
     cfg = read_ar_config(root)
-    print(f"{root}")
+    defaults = {**CALL_DEFAULTS, **(read_json(root / "glimage.json") if (root / "glimage.json").is_file() else {})}
+    lo, hi = cfg.size_range
+    print(f"{root}" + ("  (the model shipped with glimage, used when no --model is given)" if shipped else ""))
     print(f"  AR: {cfg.text.num_hidden_layers} layers x {cfg.text.hidden_size}, visual head {cfg.text.vision_vocab_size}, "
-          f"ViT {cfg.vision.depth} x {cfg.vision.hidden_size}, codebook {cfg.vq.num_embeddings}; "
-          f"sizes {cfg.size_range[0]}-{cfg.size_range[1]} px in steps of {cfg.grid_factor}")
+          f"ViT {cfg.vision.depth} x {cfg.vision.hidden_size}, codebook {cfg.vq.num_embeddings}")
+    print(f"  sizes: multiples of {cfg.grid_factor} px, " + (f"from {lo} to {hi}" if hi else f"at least {lo} "
+          "(bounded by the AR's context)"))
+    size = f"{defaults['width']}x{defaults['height']}" if "height" in defaults else "1024x1024 (clamped to the sizes)"
+    print(f"  defaults: {size}, {defaults['num_inference_steps']} steps, guidance {defaults['guidance_scale']}")
     total = 0
     for comp in ("vision_language_encoder", "text_encoder", "transformer", "vae"):
         if not (root / comp).is_dir():
@@ -70,14 +153,20 @@ def _info(args) -> int:
         n = sum(math.prod(shape) for shape, _ in heads.values())
         dtypes = sorted({dtype for _, dtype in heads.values()})
         total += n
-        print(f"  {comp:24s} {n / 1e9:8.3f} B params  {len(heads):5d} tensors  {','.join(dtypes)}")
-    print(f"  {'total':24s} {total / 1e9:8.3f} B params")
+        print(f"  {comp:24s} {n / 1e9:8.4f} B params  {len(heads):5d} tensors  {','.join(dtypes)}")
+    print(f"  {'total':24s} {total / 1e9:8.4f} B params")
+    if shipped:
+        print("  trained by scripts/train_shapes.sh on the synthetic `shapes` set: coloured circles, squares and\n"
+              "  triangles, their positions and relations, and signs with short capital words (see\n"
+              "  docs/shapes-model.md). It draws nothing outside that world and was not trained for editing.")
     return 0
 
 
 def _data_shapes(args) -> int:
     from .data.shapes import generate_shapes
+    from .validate import check_int
 
+    check_int("--n", args.n, 1)
     t0 = time.perf_counter()
     records = generate_shapes(args.out, args.n, seed=args.seed, split=args.split)
     meta = Path(args.out) / "metadata.jsonl"
@@ -88,13 +177,17 @@ def _data_shapes(args) -> int:
 def _train(args) -> int:
     from .train.cli import main as train_main
 
-    return train_main(args.args)
+    return train_main(args.args, handle_errors=False)
 
 
 def _eval_shapes(args) -> int:
+    from .device import set_threads
     from .eval.shapes import evaluate, format_table
     from .pipeline import GlmImagePipeline
+    from .validate import check_int
 
+    check_int("--n-per-category", args.n_per_category, 1, 1000)
+    set_threads(args.threads)
     pipe = GlmImagePipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     pipe.set_progress_bar_config(disable=True)
     table = evaluate(pipe, args.n_per_category, args.seed, args.out, args.steps, args.guidance)
@@ -104,28 +197,61 @@ def _eval_shapes(args) -> int:
     return 0
 
 
+def _threads(text: str):
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor an integer") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"{n} is out of range: 1 to 1024, or auto")
+    return n
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="auto, cpu, cuda[:N], npu[:N], mps (default: the best available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU/NPU, fp32 on CPU)")
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="CPU threads for torch (default auto: the CPUs idle now, at least 1; OMP_NUM_THREADS, when "
+                        "set, wins). More threads than free cores make every op wait for the slowest one")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    debug = argparse.ArgumentParser(add_help=False)  # also after the subcommand, without resetting a --debug before it
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an unexpected error")
     p = argparse.ArgumentParser(prog="glimage", description="GLM-Image in plain PyTorch")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
+    p.add_argument("--version", action="version", version=f"glimage {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="text-to-image or image-to-image")
-    g.add_argument("prompt")
+    g = sub.add_parser("generate", help="text-to-image or image-to-image", parents=[debug],
+                       description="Generate images. Unset options take the model's own defaults: the shipped "
+                       "model draws 128x128 in 20 steps with guidance 3.0, the official one 1024x1024 in 50 steps "
+                       "with guidance 1.5 (`glimage info MODEL` prints them).")
+    g.add_argument("prompt", help="what to draw; quoted text (\"OPEN\") is drawn as lettering")
     g.add_argument("--model", default=None, help="GLM-Image folder (official layout), or random:PRESET (e.g. "
                    "random:tiny); default: the small model shipped in the package")
-    g.add_argument("-o", "--output", default="out.png")
+    g.add_argument("-o", "--output", default="out.png", help="PNG, JPEG or WebP file; with --num-images N: "
+                   "NAME_0.png ... NAME_{N-1}.png (default out.png)")
     g.add_argument("--image", action="append", help="source image for editing (repeat for several)")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, officially 50)")
-    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, officially 1.5)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--device", default=None, help="cpu, cuda, npu, mps (default: best available)")
-    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU/NPU, fp32 on CPU)")
+    g.add_argument("--height", type=int, default=None, help="pixels; a multiple of the model's grid: 16 for the "
+                   "shipped model, 32 in [512, 2048] for the official one (default: the model's)")
+    g.add_argument("--width", type=int, default=None, help="pixels, as --height")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps, 1-1000 (default: the model's: 20 "
+                   "shipped, 50 official)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 0-50; <= 1 turns "
+                   "it off (default: the model's: 3.0 shipped, 1.5 official)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the first image (default: a fresh random seed, "
+                   "printed); image i of --num-images uses seed + i")
+    g.add_argument("--num-images", type=int, default=1, help=f"independent draws (AR included), 1-{MAX_CLI_IMAGES}")
+    _device_args(g)
     g.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each stage to the GPU")
     g.add_argument("-q", "--quiet", action="store_true")
     g.set_defaults(fn=_generate)
-    i = sub.add_parser("info", help="components, parameter counts and dtypes of a model folder")
-    i.add_argument("path")
+    i = sub.add_parser("info", help="a model folder (default: the shipped model) or an image's generation "
+                       "parameters", parents=[debug])
+    i.add_argument("path", nargs="?", default=None, help="model folder or image file (default: the shipped model)")
     i.set_defaults(fn=_info)
     # everything after `train` (--help and --set included) goes to glimage.train.cli's own parser; no
     # prefix chars here, else argparse keeps a leading option such as --help out of the REMAINDER
@@ -135,19 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="automatic evaluation")
     esub = e.add_subparsers(dest="eval_command", required=True)
-    es = esub.add_parser("shapes", help="score a model on the fixed seeded shapes prompt set (objects + OCR)")
+    es = esub.add_parser("shapes", help="score a model on the fixed seeded shapes prompt set (objects + OCR)",
+                         parents=[debug])
     es.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     es.add_argument("--n-per-category", type=int, default=8)
     es.add_argument("--seed", type=int, default=0)
     es.add_argument("--steps", type=int, default=None, help="default: the model's")
     es.add_argument("--guidance", type=float, default=None, help="default: the model's")
     es.add_argument("--out", default=None, help="write samples.png, table.md, results.jsonl here")
-    es.add_argument("--device", default=None)
-    es.add_argument("--dtype", default=None)
+    _device_args(es)
     es.set_defaults(fn=_eval_shapes)
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("shapes", help="synthetic captioned shapes dataset (folder with metadata.jsonl)")
+    s = dsub.add_parser("shapes", help="synthetic captioned shapes dataset (folder with metadata.jsonl)",
+                        parents=[debug])
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n", type=int, required=True, help="number of images")
     s.add_argument("--seed", type=int, default=0)
@@ -157,14 +284,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary files are removed on the way out
+
+
+def run(prog: str, fn, debug: bool = False) -> int:
+    """Run `fn()` with the CLI's error contract (see the module docstring)."""
+    debug = debug or os.environ.get("GLIMAGE_DEBUG", "") not in ("", "0")
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        try:
+            signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        return fn()
+    except InputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns a bug into a short message
+        if debug:
+            raise
+        print(f"{prog}: unexpected error: {type(e).__name__}: {e}\n(this is a bug; rerun with --debug for the "
+              "traceback, and report it)", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"glimage {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+    debug = getattr(args, "debug", False) or (args.command == "train" and "--debug" in args.args)
+    return run(f"glimage {args.command}", lambda: args.fn(args), debug)
 
 
 if __name__ == "__main__":

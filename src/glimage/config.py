@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .validate import InputError
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -34,11 +36,11 @@ class TextConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by heads {self.num_attention_heads}")
+            raise InputError(f"hidden_size {self.hidden_size} not divisible by heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"heads {self.num_attention_heads} not divisible by kv heads {self.num_key_value_heads}")
+            raise InputError(f"heads {self.num_attention_heads} not divisible by kv heads {self.num_key_value_heads}")
         if 2 * sum(self.mrope_section) != self.rotary_dim:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to rotary_dim/2 = {self.rotary_dim // 2}")
+            raise InputError(f"mrope_section {self.mrope_section} must sum to rotary_dim/2 = {self.rotary_dim // 2}")
 
     @property
     def head_dim(self) -> int:
@@ -96,34 +98,35 @@ class ARConfig:
     # Source-image preprocessing (`processor/preprocessor_config.json`)
     source_min_pixels: int = 512 * 512
     source_max_pixels: int = 2048 * 2048
-    # Target size limits, validated before any work is done. None derives them from the vision encoder's
-    # position table, which covers vision.image_size px: officially [512, 2048], the range Zhipu supports.
+    # Supported target sizes: None = whatever works (a multiple of grid_factor, a non-empty preview grid, the
+    # tokens within the context). Zhipu's range for the official model, [512, 2048], is set by its preset and
+    # by convert.ar for the published checkpoint; a folder's glimage.json may state one for its model.
     min_size: int | None = None
     max_size: int | None = None
-    max_aspect_ratio: float = 4.0
+    max_aspect_ratio: float = 4.0  # of source images (the reference processor's rule)
     # Sampling defaults (`generation_config.json`; transformers' implicit top_k=50 applies when unset)
     temperature: float = 0.9
     top_k: int = 50
     top_p: float = 0.75
 
     @property
-    def size_range(self) -> tuple[int, int]:
-        lo = self.min_size if self.min_size is not None else max(self.grid_factor, self.vision.image_size // 4)
-        return lo, self.max_size if self.max_size is not None else self.vision.image_size
+    def size_range(self) -> tuple[int, int | None]:
+        """(smallest, largest) side of a target image; largest None = bounded by the context only."""
+        return (self.min_size if self.min_size is not None else self.grid_factor), self.max_size
 
     def __post_init__(self):
         if self.vq.num_embeddings > self.image_start_token_id:
-            raise ValueError(
+            raise InputError(
                 f"codebook size {self.vq.num_embeddings} overlaps the image start id {self.image_start_token_id}")
         specials = self.special_token_ids
         bytes_ = range(self.text_token_offset, self.text_token_offset + 256)
         clash = [i for i in specials.values() if i in bytes_ or i < self.vq.num_embeddings]
         if len(set(specials.values())) != len(specials) or clash:
-            raise ValueError(f"special token ids {specials} collide with each other, the codebook "
+            raise InputError(f"special token ids {specials} collide with each other, the codebook "
                              f"[0, {self.vq.num_embeddings}) or the text bytes [{bytes_.start}, {bytes_.stop})")
         top = max([*specials.values(), bytes_.stop - 1])
         if top >= self.text.vocab_size:
-            raise ValueError(f"token id {top} does not fit the embedding of {self.text.vocab_size} rows")
+            raise InputError(f"token id {top} does not fit the embedding of {self.text.vocab_size} rows")
 
     @property
     def special_token_ids(self) -> dict[str, int]:
@@ -202,7 +205,7 @@ class SchedulerConfig:
 
     def __post_init__(self):
         if self.time_shift_type not in ("linear", "exponential"):
-            raise ValueError(f"time_shift_type must be 'linear' or 'exponential', got {self.time_shift_type!r}")
+            raise InputError(f"time_shift_type must be 'linear' or 'exponential', got {self.time_shift_type!r}")
 
 
 @dataclass(frozen=True)
@@ -252,8 +255,10 @@ SHAPES = GlmImageConfig(
     vae=VAEConfig(latent_channels=8, block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8),
 )
 
+OFFICIAL_SIZE_RANGE = (512, 2048)  # Zhipu's supported sides for the published model
+
 PRESETS: dict[str, GlmImageConfig] = {
-    "glm-image": GlmImageConfig(),
+    "glm-image": GlmImageConfig(ar=ARConfig(min_size=OFFICIAL_SIZE_RANGE[0], max_size=OFFICIAL_SIZE_RANGE[1])),
     "tiny": TINY,
     "shapes": SHAPES,
 }

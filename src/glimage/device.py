@@ -9,9 +9,13 @@ when asked for or when present, because a torch_npu without CANN breaks `import 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import time
 
 import torch
+
+from .validate import InputError
 
 _NPU_READY: bool | None = None
 
@@ -44,17 +48,31 @@ def default_device() -> torch.device:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """"auto"/None = the best available; else cpu, cuda[:N], npu[:N] or mps, refused with a clear error when
+    this machine lacks it."""
     if device is None or device == "auto":
         return default_device()
-    device = torch.device(device)
-    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps_available(), "npu": None, "meta": True}
-    if device.type == "npu":
-        ok["npu"] = npu_available()
-    if device.type not in ok:
-        raise ValueError(f"device {str(device)!r} is not supported; use one of cpu, cuda, npu, mps")
-    if not ok[device.type]:
-        raise ValueError(f"device {str(device)!r} was asked for but is not available on this machine")
-    return device
+    text = str(device).strip().lower()
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda", "npu", "mps", "meta") or (index and not index.isdigit()):
+        raise InputError(f"device {str(device)!r} is not one glimage runs on: use auto, cpu, cuda, cuda:N, npu, "
+                         "npu:N or mps", "device")
+    if kind in ("cuda", "npu", "mps"):
+        ok = {"cuda": torch.cuda.is_available, "npu": npu_available, "mps": mps_available}[kind]()
+        hint = " (Ascend needs torch_npu and CANN: see the README)" if kind == "npu" else ""
+        if not ok:
+            raise InputError(f"device {text!r} was asked for but is not available on this machine{hint}; "
+                             f"available: {', '.join(available_devices())}", "device")
+        count = torch.cuda.device_count() if kind == "cuda" else None
+        if count is not None and index and int(index) >= count:
+            raise InputError(f"device {text!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}", "device")
+    return torch.device(text)
+
+
+def available_devices() -> list[str]:
+    return ["cpu"] + [k for k, ok in (("cuda", torch.cuda.is_available()), ("npu", npu_available()),
+                                      ("mps", mps_available())) if ok]
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -70,7 +88,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return torch.bfloat16
         return torch.float16 if device.type == "mps" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        raise InputError(f"dtype {dtype!r} is not supported; use auto or one of {', '.join(sorted(DTYPES))}", "dtype")
     return DTYPES[dtype]
 
 
@@ -103,6 +121,43 @@ def peak_memory_bytes(device: torch.device) -> int:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return 0
+
+
+def busy_cpus(window: float = 0.05) -> float:
+    """How many CPUs other work keeps busy now: the non-idle share of /proc/stat over `window` seconds
+    (0 where /proc/stat is absent)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])  # idle + iowait, all (guest time is already in user)
+    try:
+        idle0, total0 = sample()
+        time.sleep(window)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    total = total1 - total0
+    return 0.0 if total <= 0 else (1 - (idle1 - idle0) / total) * (os.cpu_count() or 1)
+
+
+def auto_threads() -> int:
+    """Intra-op threads for CPU math that do not collapse under contention. An OpenMP region waits for its
+    slowest thread, so a thread that shares its core with another process stalls every op: on a 2-core
+    machine with one core busy, 2 threads drew an image of the shipped model ~50x slower than 1
+    (scripts/bench_threads.py). So: the CPUs this process may use that are idle now, at least 1."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(usable, usable - math.ceil(busy_cpus() - 0.3)))
+
+
+def set_threads(threads: int | str | None = "auto") -> int:
+    """Set torch's intra-op thread count: an int, or "auto"/None (auto_threads(), unless OMP_NUM_THREADS
+    is set: an explicit environment wins). Returns the count in effect."""
+    if threads in (None, "auto"):
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        threads = auto_threads()
+    torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
 
 
 def manual_generator(device: torch.device, seed: int) -> torch.Generator:

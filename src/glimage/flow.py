@@ -16,6 +16,8 @@ import torch
 
 from glimage.config import SchedulerConfig
 
+from .validate import InputError
+
 
 def shift_sigmas(sigmas: torch.Tensor, mu: float, kind: str = "linear") -> torch.Tensor:
     """Resolution-dependent time shift: a / (a + (1/sigma - 1)) with a = mu ("linear") or e^mu ("exponential").
@@ -26,7 +28,7 @@ def shift_sigmas(sigmas: torch.Tensor, mu: float, kind: str = "linear") -> torch
     elif kind == "exponential":
         a = math.exp(mu)
     else:
-        raise ValueError(f"shift kind must be 'linear' or 'exponential', got {kind!r}")
+        raise InputError(f"shift kind must be 'linear' or 'exponential', got {kind!r}")
     # Explicit tensor ops in the sigmas' dtype: the reference computes in float32 numpy, and `scalar / tensor`
     # in torch multiplies by a reciprocal (one rounding more).
     a = torch.full_like(sigmas, a)
@@ -55,9 +57,9 @@ def get_schedule(num_steps: int, height: int, width: int, cfg: SchedulerConfig, 
     shift_sigmas(t_i / T, mu) with a terminal 0, bit-equal to the scheduler's `sigmas`."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) \
             or not 1 <= num_steps <= cfg.num_train_timesteps:
-        raise ValueError(f"num_steps must be an integer in [1, {cfg.num_train_timesteps}], got {num_steps!r}")
+        raise InputError(f"num_steps must be an integer in [1, {cfg.num_train_timesteps}], got {num_steps!r}")
     if height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive, got {height}x{width}")
+        raise InputError(f"height and width must be positive, got {height}x{width}")
     # numpy on purpose: torch.linspace rounds differently, and the int64 truncation below exposes it.
     t = np.linspace(cfg.num_train_timesteps, 1.0, num_steps + 1)[:-1].astype(np.int64).astype(np.float32)
     sigmas = torch.from_numpy(t / np.float32(cfg.num_train_timesteps))
@@ -77,5 +79,5 @@ def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance: float) -
     """v_u + g (v_c - v_u). The reference pipeline only runs the unconditional branch when g > 1 (and then
     uses v_cond alone), so callers should skip this for g <= 1 to match it bit for bit."""
     if not guidance >= 0:  # also rejects NaN
-        raise ValueError(f"guidance must be >= 0, got {guidance!r}")
+        raise InputError(f"guidance must be >= 0, got {guidance!r}")
     return v_uncond + guidance * (v_cond - v_uncond)

@@ -19,6 +19,8 @@ import torch
 
 from glimage.models.glyph import GlyphEncoder
 
+from .validate import InputError
+
 PAD, EOS, UNK = 0, 1, 2
 OFFSET = 3  # byte b -> id b + 3
 NUM_EXTRA_IDS = 125  # <extra_id_0..124> -> 259..383 (transformers 5 numbering; older versions counted down)
@@ -42,7 +44,7 @@ def tokenize(text: str, max_length: int) -> list[int]:
     """ByT5 ids of `text` plus eos, truncated to `max_length` ids in all (like `tokenizer(text, max_length,
     truncation=True)`)."""
     if max_length < 1:
-        raise ValueError(f"max_length must be >= 1 (room for the eos token), got {max_length}")
+        raise InputError(f"max_length must be >= 1 (room for the eos token), got {max_length}")
     # No special token can be a prefix of another (all end in '>'), so a regex split equals the reference's trie.
     pieces = _SPECIAL_RE.split(text)  # odd indices are special tokens
     for i in range(1, len(pieces), 2):
@@ -80,7 +82,7 @@ def encode_glyphs(encoder: GlyphEncoder, prompts: list[str], device: torch.devic
     prompts together would change results in the last bit through different matmul shapes, and T5 is cheap.
     """
     if isinstance(prompts, str) or not prompts:
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        raise InputError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     max_length = encoder.cfg.max_length if max_length is None else max_length
     embeds = []
     for prompt in prompts:

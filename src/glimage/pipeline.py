@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,19 @@ from .models.dit import GlmImageDiT, RefKV
 from .models.glyph import GlyphEncoder
 from .models.vae import AutoencoderKL
 from .prior import Prior, normalize_images, run_prior
-from .prompt import GlmTokenizer, check_size, target_grids
+from .prompt import GlmTokenizer, target_grids
+from .validate import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SOURCE_IMAGES,
+    InputError,
+    check_choice,
+    check_float,
+    check_int,
+    check_prompts,
+    check_seed,
+    check_target_size,
+)
 
 # The shipped default model (preset `shapes`, trained by scripts/train_shapes.sh): used when no model is named.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes"
@@ -48,6 +60,8 @@ COMPONENTS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer
 class GlmImageOutput:
     images: list  # PIL images, or a float array (B, H, W, 3) in [0, 1] with output_type="np"
     prior_token_ids: torch.Tensor | None = None
+    # what reproduces the images: prompt(s), seed, height, width, num_inference_steps, guidance_scale
+    parameters: dict = field(default_factory=dict)
 
 
 def seed_generator(generator, seed, device: torch.device) -> torch.Generator:
@@ -63,10 +77,14 @@ def seed_generator(generator, seed, device: torch.device) -> torch.Generator:
     return manual_generator(device, seed)
 
 
+def _initial_seed(generator) -> int:
+    return (generator[0] if isinstance(generator, (list, tuple)) else generator).initial_seed()
+
+
 def scheduler_from_official(d: dict) -> SchedulerConfig:
     kind = d.get("time_shift_type", "exponential")  # diffusers' default when the key is absent
     if not d.get("use_dynamic_shifting", True):
-        raise ValueError("scheduler_config.json has use_dynamic_shifting=false; GLM-Image needs the dynamic shift")
+        raise InputError("scheduler_config.json has use_dynamic_shifting=false; GLM-Image needs the dynamic shift")
     return SchedulerConfig(num_train_timesteps=d.get("num_train_timesteps", 1000),
                            base_image_seq_len=d.get("base_image_seq_len", 256), base_shift=d.get("base_shift", 0.25),
                            max_shift=d.get("max_shift", 0.75), time_shift_type=kind)
@@ -118,12 +136,12 @@ class GlmImagePipeline:
         runs (the 10 B AR and 7 B DiT are never resident together)."""
         if path is None:
             if not (DEFAULT_MODEL / "vision_language_encoder").is_dir():
-                raise FileNotFoundError(f"the default model is missing from the package ({DEFAULT_MODEL}); "
-                                        "train it with scripts/train_shapes.sh or name a model folder")
+                raise InputError(f"the default model is missing from the package ({DEFAULT_MODEL}); "
+                                 "train it with scripts/train_shapes.sh or name a model folder")
             path = DEFAULT_MODEL
         path = Path(path)
         if not (path / "vision_language_encoder").is_dir():
-            raise FileNotFoundError(f"{path} is not a GLM-Image folder (no vision_language_encoder/)")
+            raise InputError(f"{path} is not a GLM-Image folder (no vision_language_encoder/)")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         load_to = torch.device("cpu") if offload else device
@@ -145,7 +163,7 @@ class GlmImagePipeline:
         from .train.lora import apply_lora_file
         modules = {"vision_language_encoder": self.ar, "transformer": self.dit}
         if component not in modules:
-            raise ValueError(f"component={component!r} must be one of {sorted(modules)}")
+            raise InputError(f"component={component!r} must be one of {sorted(modules)}")
         return apply_lora_file(modules[component], path, merge=True)
 
     @classmethod
@@ -208,8 +226,9 @@ class GlmImagePipeline:
 
     def _default_size(self, images) -> tuple[int, int]:
         lo, hi = self.ar.cfg.size_range
+        hi = hi if hi is not None else 1 << 30
         f = self.ar.cfg.grid_factor
-        if images:
+        if images:  # the first source's size, snapped to the grid and the supported range
             w, h = load_image(images[0][0]).size
             return (min(max(h // f * f, lo), hi), min(max(w // f * f, lo), hi))
         side = min(max(1024, lo), hi)
@@ -219,7 +238,7 @@ class GlmImagePipeline:
     def generate_prior_tokens(self, prompt: str | list[str], height: int, width: int, image=None,
                               generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor:
         """The large grid's ids, upsampled x2 (one per DiT patch): (B, 4 * H/32 * W/32)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = check_prompts(prompt)
         return self._prior(prompts, height, width, normalize_images(image, len(prompts)), generator, seed).ids
 
     def _prior(self, prompts, height, width, images, generator, seed) -> Prior:
@@ -229,17 +248,17 @@ class GlmImagePipeline:
 
     def _given_prior(self, ids: torch.Tensor, n_prompts: int, height: int, width: int, images) -> Prior:
         if images:
-            raise ValueError("prior_token_ids is for text-to-image; with source images the AR must run")
-        check_size(height, width, self.ar.cfg)
+            raise InputError("prior_token_ids is for text-to-image; with source images the AR must run")
+        check_target_size(height, width, self.ar.cfg)
         th, tw, _, _ = target_grids(height, width, self.ar.cfg)
         want = (n_prompts, 4 * th * tw)
         if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != want or ids.is_floating_point():
             got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise ValueError(f"prior_token_ids must be an integer tensor of shape {want} (prompts, 4 * {th} * {tw} "
+            raise InputError(f"prior_token_ids must be an integer tensor of shape {want} (prompts, 4 * {th} * {tw} "
                              f"for {height}x{width}), got {got}")
         n = self.dit.cfg.prior_vq_quantizer_codebook_size
         if int(ids.min()) < 0 or int(ids.max()) >= n:
-            raise ValueError(f"prior_token_ids must lie in [0, {n}), got [{int(ids.min())}, {int(ids.max())}]")
+            raise InputError(f"prior_token_ids must lie in [0, {n}), got [{int(ids.min())}, {int(ids.max())}]")
         return Prior(ids.long(), (th, tw), ids.long(), None, None)
 
     def _reference_kv(self, images: list[list], prior: Prior, n_per_prompt: int) -> RefKV:
@@ -270,36 +289,45 @@ class GlmImagePipeline:
                  seed: int | None = None,
                  num_images_per_prompt: int = 1, latents: torch.Tensor | None = None, output_type: str = "pil",
                  callback_on_step_end=None, prior_token_ids: torch.Tensor | None = None) -> GlmImageOutput:
-        """prior_token_ids: (B, 4 * H/32 * W/32) ids as `generate_prior_tokens` returns them (one per DiT patch);
-        given, the AR does not run (text-to-image only) -- e.g. to draw several decoder samples of one AR draw."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        """Images for `prompt` (a string or a list: a batch), with diffusers' argument names and meanings.
+
+        num_images_per_prompt: as in the reference, the images of one prompt share one AR draw (the prior
+        tokens) and differ only in the diffusion noise; for independent draws call once per seed, as
+        `glimage generate --num-images` does. seed / generator: the AR sampler's and the noise's seed; neither
+        given = fresh entropy. prior_token_ids: (B, 4 * H/32 * W/32) ids as `generate_prior_tokens` returns
+        them (one per DiT patch); given, the AR does not run (text-to-image only) -- e.g. to draw several
+        decoder samples of one AR draw. Bad arguments raise glimage.validate.InputError (a ValueError)
+        naming the value and the allowed range, before any work is done."""
+        prompts = check_prompts(prompt)
         if generator is not None and seed is not None:
-            raise ValueError("give either generator or seed, not both")
+            raise InputError("give either generator or seed, not both", "seed")
+        if seed is not None:
+            check_seed(seed)
         # unset arguments: the model folder's defaults (glimage.json), then the official ones
         if num_inference_steps is None:
             num_inference_steps = self.defaults.get("num_inference_steps", CALL_DEFAULTS["num_inference_steps"])
         if guidance_scale is None:
             guidance_scale = self.defaults.get("guidance_scale", CALL_DEFAULTS["guidance_scale"])
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
-        if not guidance_scale >= 0:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0 (1.5 is the default; <= 1 disables CFG)")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type={output_type!r} must be one of 'pil', 'np', 'latent'")
+        check_int("num_inference_steps", num_inference_steps, 1, self.scheduler.num_train_timesteps)
+        guidance_scale = check_float("guidance_scale", guidance_scale, 0, MAX_GUIDANCE)
+        check_int("num_images_per_prompt", num_images_per_prompt, 1, MAX_IMAGES)
+        check_choice("output_type", output_type, ("pil", "np", "latent"))
         images = normalize_images(image, len(prompts))
         if images:
-            images = [[load_image(im) for im in row] for row in images]  # fail early on unreadable files
+            if len(images[0]) > MAX_SOURCE_IMAGES:
+                raise InputError(f"{len(images[0])} source images per prompt; at most {MAX_SOURCE_IMAGES}", "image")
+            images = [[load_image(im, f"image[{i}]") for i, im in enumerate(row)] for row in images]  # fail early
         if height is None or width is None:
             dh, dw = (self.defaults["height"], self.defaults["width"]) if "height" in self.defaults and not images \
                 else self._default_size(images)
-            height, width = height or dh, width or dw
-        get_schedule(num_inference_steps, height, width, self.scheduler)  # validates before the AR runs
+            height, width = dh if height is None else height, dw if width is None else width
+        check_target_size(height, width, self.ar.cfg, text_to_image=not images)
         if generator is None:
-            generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
+            seed = seed if seed is not None else secrets.randbelow(2**32)  # fresh, and reported in .parameters
+            generator = torch.Generator().manual_seed(seed)
+        params = dict(prompt=prompts[0] if isinstance(prompt, str) else prompts,
+                      seed=seed if seed is not None else _initial_seed(generator), height=height, width=width,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
 
         if prior_token_ids is None:
             prior = self._prior(prompts, height, width, images, generator, None)
@@ -318,7 +346,7 @@ class GlmImagePipeline:
             # diffusers' randn_tensor: drawn on the generator's device, then moved
             latents = torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(self.device)
         timesteps, sigmas = get_schedule(num_inference_steps, height, width, self.scheduler, ds,
                                          self.dit.cfg.patch_size)
@@ -340,12 +368,13 @@ class GlmImagePipeline:
                     latents = out.get("latents", latents)
 
         if output_type == "latent":
-            return GlmImageOutput(latents, prior.ids)
+            return GlmImageOutput(latents, prior.ids, params)
         with self._on_device(self.vae) as vae:
             pixels = vae.decode(vae.denormalize_latents(latents.to(self.dtype)))
         if output_type == "np":
-            return GlmImageOutput((pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy(), prior.ids)
-        return GlmImageOutput(to_pil(pixels), prior.ids)
+            return GlmImageOutput((pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy(), prior.ids,
+                                  params)
+        return GlmImageOutput(to_pil(pixels), prior.ids, params)
 
 
 # Official processor/chat_template.jinja of zai-org/GLM-Image (image items become the image span placeholders).

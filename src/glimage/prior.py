@@ -8,8 +8,9 @@ import torch
 
 from .image import preprocess_source
 from .models.ar import GlmImageAR
-from .prompt import GlmTokenizer, build_prompts, check_size
+from .prompt import GlmTokenizer, build_prompts
 from .sampling import generate_grid_tokens
+from .validate import InputError, check_target_size
 
 
 @dataclass
@@ -35,13 +36,13 @@ def normalize_images(image, batch: int) -> list[list] | None:
         image = [image]
     if not isinstance(image[0], (list, tuple)):
         if batch != 1:
-            raise ValueError(f"with {batch} prompts, give one list of source images per prompt")
+            raise InputError(f"with {batch} prompts, give one list of source images per prompt")
         return [list(image)]
     if len(image) != batch:
-        raise ValueError(f"{len(image)} lists of source images for {batch} prompts")
+        raise InputError(f"{len(image)} lists of source images for {batch} prompts")
     counts = [len(x) for x in image]
     if len(set(counts)) != 1:
-        raise ValueError(f"every prompt needs the same number of source images, got {counts}")
+        raise InputError(f"every prompt needs the same number of source images, got {counts}")
     return [list(x) for x in image]
 
 
@@ -68,7 +69,7 @@ def tokenize_sources(model: GlmImageAR, images: list[list]) -> list[list[torch.T
 def run_prior(model: GlmImageAR, tok: GlmTokenizer, prompts: list[str], height: int, width: int,
               images: list[list] | None, generator: torch.Generator, progress: bool = True) -> Prior:
     cfg = model.cfg
-    check_size(height, width, cfg)
+    check_target_size(height, width, cfg, text_to_image=not images)
     src = tokenize_sources(model, images) if images else None
     grids = [[tuple(g.shape) for g in row] for row in src] if src else None
     batch = build_prompts(prompts, height, width, tok, cfg, grids)
@@ -76,7 +77,7 @@ def run_prior(model: GlmImageAR, tok: GlmTokenizer, prompts: list[str], height: 
         flat = torch.cat([g.flatten() for row in src for g in row]).cpu()
         slots = batch.input_ids == tok.image_id
         if int(slots.sum()) != flat.numel():
-            raise ValueError(f"prompt has {int(slots.sum())} image slots for {flat.numel()} image tokens")
+            raise InputError(f"prompt has {int(slots.sum())} image slots for {flat.numel()} image tokens")
         batch.input_ids = batch.input_ids.masked_scatter(slots, flat)
     tokens = generate_grid_tokens(model, batch, cfg.temperature, cfg.top_k, cfg.top_p, generator, progress)
     th, tw = batch.large_grid

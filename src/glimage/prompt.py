@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from .checkpoint import read_json
 from .config import ARConfig
 from .positions import decode_positions, prompt_positions
+from .validate import InputError
 
 
 def target_grids(height: int, width: int, cfg: ARConfig) -> tuple[int, int, int, int]:
@@ -27,21 +28,6 @@ def target_grids(height: int, width: int, cfg: ARConfig) -> tuple[int, int, int,
     th, tw = height // f, width // f
     r = th / tw
     return th, tw, int(math.sqrt(r) * cfg.preview_side), int(math.sqrt(1 / r) * cfg.preview_side)
-
-
-def check_size(height: int, width: int, cfg: ARConfig) -> None:
-    f = cfg.grid_factor
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise ValueError(f"{name} must be an int, got {v!r}")
-        if v % f:
-            raise ValueError(f"{name}={v} must be a multiple of {f} (e.g. {max(f, round(v / f) * f)})")
-        lo, hi = cfg.size_range
-        if not lo <= v <= hi:
-            raise ValueError(f"{name}={v} is outside the supported range [{lo}, {hi}]")
-    ratio = max(height, width) / min(height, width)
-    if ratio > cfg.max_aspect_ratio:
-        raise ValueError(f"aspect ratio {height}x{width} = {ratio:.2f} exceeds the maximum {cfg.max_aspect_ratio:g}")
 
 
 SPECIAL_ROLES = {"bos_token": "<|dit_token_16384|>", "eos_token": "<|dit_token_16385|>", "pad_token": "<|endoftext|>",
@@ -77,7 +63,7 @@ class GlmTokenizer:
         ids = {k: tokenizer.token_to_id(v) for k, v in special.items()}
         missing = [special[k] for k, i in ids.items() if i is None]
         if missing:
-            raise ValueError(f"tokenizer lacks the special tokens {missing}")
+            raise InputError(f"tokenizer lacks the special tokens {missing}")
         self.image_start_id, self.image_end_id = ids["bos_token"], ids["eos_token"]
         self.image_id, self.pad_id = ids["image_token"], ids["pad_token"]
         self.grid_bos_id, self.grid_eos_id = ids["grid_bos_token"], ids["grid_eos_token"]
@@ -86,7 +72,7 @@ class GlmTokenizer:
     def from_folder(cls, folder: str | os.PathLike) -> "GlmTokenizer":
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {folder}")
+            raise InputError(f"no tokenizer.json in {folder}")
         special = dict(SPECIAL_ROLES)
         if (folder / "tokenizer_config.json").is_file():
             conf = read_json(folder / "tokenizer_config.json")
@@ -123,6 +109,11 @@ class PromptBatch:
     large_offset: int  # index of the large grid's first token among the generated ones
 
 
+def _new_tokens(height: int, width: int, cfg: ARConfig, t2i: bool) -> int:
+    th, tw, ph, pw = target_grids(height, width, cfg)
+    return th * tw + (ph * pw if t2i else 0) + 1
+
+
 def layout_text(prompt: str, n_images: int, th: int, tw: int, ph: int, pw: int, tok: GlmTokenizer) -> str:
     s = tok.special
     images = f"{s['bos_token']}{s['image_token']}{s['eos_token']}" * n_images
@@ -137,7 +128,7 @@ def build_prompts(prompts: list[str], height: int, width: int, tok: GlmTokenizer
     """Token ids and MRoPE positions for a batch; source_grids[b] = VQ grid sizes of sample b's images."""
     source_grids = source_grids or [[] for _ in prompts]
     if len({len(g) for g in source_grids}) > 1:
-        raise ValueError(f"every prompt needs the same number of source images, got {[len(g) for g in source_grids]}")
+        raise InputError(f"every prompt needs the same number of source images, got {[len(g) for g in source_grids]}")
     th, tw, ph, pw = target_grids(height, width, cfg)
     t2i = len(source_grids[0]) == 0
     grids = [(ph, pw), (th, tw)] if t2i else [(th, tw)]
@@ -160,8 +151,15 @@ def build_prompts(prompts: list[str], height: int, width: int, tok: GlmTokenizer
     n_new = sum(h * w for h, w in grids) + 1
     limit = cfg.text.max_position_embeddings
     if L + n_new > limit:
-        raise ValueError(f"prompt is {L} tokens long; with the {n_new} image tokens to generate that exceeds the "
-                         f"model's context of {limit} tokens (at most {limit - n_new} prompt tokens at {height}x{width})")
+        if n_new < limit:
+            raise InputError(f"prompt is {L} tokens long; with the {n_new} image tokens to generate that exceeds the "
+                             f"model's context of {limit} tokens (at most {limit - n_new} prompt tokens at "
+                             f"{height}x{width}): shorten the prompt", "prompt")
+        side = cfg.grid_factor
+        while _new_tokens(side + cfg.grid_factor, side + cfg.grid_factor, cfg, t2i) + L <= limit:
+            side += cfg.grid_factor
+        raise InputError(f"{height}x{width} needs {n_new} image tokens, beyond the model's context of {limit} tokens "
+                         f"(with this {L}-token prompt the largest square is {side}x{side})", "size")
     B = len(rows)
     input_ids = torch.full((B, L), tok.pad_id, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.long)

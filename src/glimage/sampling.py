@@ -13,15 +13,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .prompt import PromptBatch
+from .validate import InputError
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0 (greedy decoding repeats itself on this model)")
+        raise InputError(f"temperature={temperature} must be > 0 (greedy decoding repeats itself on this model)")
     if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k={top_k} must be an int >= 0 (0 disables it)")
+        raise InputError(f"top_k={top_k} must be an int >= 0 (0 disables it)")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise InputError(f"top_p={top_p} must be in (0, 1]")
 
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, n_valid: int | None = None):

@@ -3,7 +3,9 @@
 Our module names equal the checkpoint's without the `model.` prefix of transformers'
 `GlmImageForConditionalGeneration`, so the key map is that prefix alone (lm_head sits outside it).
 Fields the official files do not carry (grid factor, preview size, size limits) are the official
-defaults; presets that change them write `glimage.json` beside `config.json`.
+defaults; presets that change them write `glimage.json` beside `config.json`. A folder with the published
+architecture and no stated size range gets Zhipu's, [512, 2048]; any other folder draws every size that
+works (see validate.check_target_size).
 """
 
 from __future__ import annotations
@@ -14,9 +16,19 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import build_on_meta, load_strict, read_json, read_state_dict, rename, save_state_dict, write_json
-from ..config import ARConfig, TextConfig, VisionConfig, VQConfig
+from ..checkpoint import (
+    build_on_meta,
+    load_strict,
+    read_config,
+    read_json,
+    read_state_dict,
+    rename,
+    save_state_dict,
+    write_json,
+)
+from ..config import OFFICIAL_SIZE_RANGE, ARConfig, TextConfig, VisionConfig, VQConfig
 from ..models.ar import GlmImageAR
+from ..validate import InputError
 
 PREFIXED = ("visual.", "language_model.", "vqmodel.")
 EXTRA_FIELDS = ("grid_factor", "preview_side", "min_size", "max_size", "max_aspect_ratio", "text_token_offset",
@@ -43,7 +55,7 @@ def config_from_official(d: dict, processor: dict | None = None, generation: dic
     t = dict(d.get("text_config", {}))
     rope = t.pop("rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"unsupported rope_type {rope['rope_type']!r} (GLM-Image uses 'default')")
+        raise InputError(f"unsupported rope_type {rope['rope_type']!r} (GLM-Image uses 'default')")
     t.update({k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope})
     if "mrope_section" in rope:
         t["mrope_section"] = tuple(rope["mrope_section"])
@@ -57,14 +69,22 @@ def config_from_official(d: dict, processor: dict | None = None, generation: dic
         kw["source_min_pixels"] = ip.get("min_pixels", size.get("shortest_edge", ARConfig.source_min_pixels))
         kw["source_max_pixels"] = ip.get("max_pixels", size.get("longest_edge", ARConfig.source_max_pixels))
         if ip.get("patch_size", vision.patch_size) != vision.patch_size or ip.get("merge_size", 1) != 1:
-            raise ValueError(f"processor patch/merge {ip.get('patch_size')}/{ip.get('merge_size')} do not match "
+            raise InputError(f"processor patch/merge {ip.get('patch_size')}/{ip.get('merge_size')} do not match "
                              f"the vision encoder's patch {vision.patch_size} with merge 1")
     if generation:
         for k in ("temperature", "top_k", "top_p"):
             if generation.get(k) is not None:
                 kw[k] = generation[k]
     kw.update({k: v for k, v in (extra or {}).items() if k in EXTRA_FIELDS})
+    if "min_size" not in kw and "max_size" not in kw and _published(text, vision, vq):
+        kw["min_size"], kw["max_size"] = OFFICIAL_SIZE_RANGE
     return ARConfig(text=text, vision=vision, vq=vq, **kw)
+
+
+def _published(text: TextConfig, vision: VisionConfig, vq: VQConfig) -> bool:
+    """The architecture of zai-org/GLM-Image (its widths and depths; minor fields may vary between uploads)."""
+    shape = lambda t, v, q: (t.hidden_size, t.num_hidden_layers, v.depth, v.hidden_size, q.num_embeddings)  # noqa: E731
+    return shape(text, vision, vq) == shape(TextConfig(), VisionConfig(), VQConfig())
 
 
 def config_to_official(cfg: ARConfig) -> dict:
@@ -94,13 +114,13 @@ def read_ar_config(root: str | os.PathLike) -> ARConfig:
             break
     generation = read_json(vle / "generation_config.json") if (vle / "generation_config.json").is_file() else None
     extra = read_json(vle / "glimage.json") if (vle / "glimage.json").is_file() else None
-    return config_from_official(read_json(vle / "config.json"), processor, generation, extra)
+    return read_config(vle / "config.json", lambda d: config_from_official(d, processor, generation, extra))
 
 
 def load_ar(root: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
             cfg: ARConfig | None = None) -> GlmImageAR:
     cfg = cfg or read_ar_config(root)
-    model = build_on_meta(lambda: GlmImageAR(cfg))
+    model = build_on_meta(lambda: GlmImageAR(cfg), f"{root}/vision_language_encoder/config.json")
     sd = from_official(read_state_dict(Path(root) / "vision_language_encoder", device, dtype))
     return load_strict(model, sd, what=f"{root}/vision_language_encoder").eval()
 

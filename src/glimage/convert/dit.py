@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from glimage.checkpoint import build_on_meta, load_strict, read_json, read_state_dict, save_state_dict, write_json
+from glimage.checkpoint import build_on_meta, load_strict, read_config, read_state_dict, save_state_dict, write_json
 from glimage.config import DiTConfig
 from glimage.models.dit import GlmImageDiT
+from glimage.validate import InputError
 
 CLASS_NAME = "GlmImageTransformer2DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -31,12 +32,12 @@ def config_from_official(d: dict) -> DiTConfig:
     legacy entries) are ignored, as diffusers does."""
     name = d.get("_class_name", CLASS_NAME)
     if name != CLASS_NAME:
-        raise ValueError(f"transformer config is for {name!r}, expected {CLASS_NAME!r}")
+        raise InputError(f"transformer config is for {name!r}, expected {CLASS_NAME!r}")
     values = {}
     for f in dataclasses.fields(DiTConfig):
         value = d.get(f.name, REFERENCE_DEFAULTS[f.name])
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"transformer config {f.name} must be a positive integer, got {value!r}")
+            raise InputError(f"transformer config {f.name} must be a positive integer, got {value!r}")
         values[f.name] = value
     return DiTConfig(**values)
 
@@ -57,8 +58,8 @@ def load_dit(folder: str | os.PathLike, device: torch.device | str = "cpu",
              dtype: torch.dtype | None = None) -> GlmImageDiT:
     """Build on meta from `folder/config.json`, then assign the checkpoint's tensors (strict)."""
     folder = Path(folder)
-    cfg = config_from_official(read_json(folder / "config.json"))
-    model = build_on_meta(lambda: GlmImageDiT(cfg))
+    cfg = read_config(folder / "config.json", config_from_official)
+    model = build_on_meta(lambda: GlmImageDiT(cfg), f"{folder}/config.json")
     sd = from_official(read_state_dict(folder, device, dtype))
     return load_strict(model, sd, f"DiT checkpoint {folder}")
 

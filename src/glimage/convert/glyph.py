@@ -13,10 +13,18 @@ from pathlib import Path
 
 import torch
 
-from glimage.checkpoint import (CheckpointError, build_on_meta, load_strict, read_json, read_state_dict,
-                                save_state_dict, write_json)
+from glimage.checkpoint import (
+    CheckpointError,
+    build_on_meta,
+    load_strict,
+    read_config,
+    read_state_dict,
+    save_state_dict,
+    write_json,
+)
 from glimage.config import GlyphConfig
 from glimage.models.glyph import GlyphEncoder
+from glimage.validate import InputError
 
 WEIGHTS = "model.safetensors"
 SHARED, EMBED = "shared.weight", "encoder.embed_tokens.weight"
@@ -26,11 +34,11 @@ def config_from_official(d: dict) -> GlyphConfig:
     """transformers T5 config dict -> GlyphConfig (ByT5 v1.1 encoder: gated-gelu, bidirectional buckets)."""
     ff = d.get("feed_forward_proj", "relu")
     if ff != "gated-gelu":
-        raise ValueError(f"unsupported text_encoder config: feed_forward_proj={ff!r} (supported: 'gated-gelu')")
+        raise InputError(f"unsupported text_encoder config: feed_forward_proj={ff!r} (supported: 'gated-gelu')")
     if d.get("dense_act_fn", "gelu_new") != "gelu_new":
-        raise ValueError(f"unsupported text_encoder config: dense_act_fn={d['dense_act_fn']!r} (supported: gelu_new)")
+        raise InputError(f"unsupported text_encoder config: dense_act_fn={d['dense_act_fn']!r} (supported: gelu_new)")
     if d.get("is_decoder", False):
-        raise ValueError("unsupported text_encoder config: is_decoder=True (the glyph encoder is bidirectional)")
+        raise InputError("unsupported text_encoder config: is_decoder=True (the glyph encoder is bidirectional)")
     return GlyphConfig(
         vocab_size=d.get("vocab_size", 32128),
         d_model=d.get("d_model", 512),
@@ -92,8 +100,8 @@ def to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_glyph_encoder(folder: str | os.PathLike, device: torch.device | str = "cpu",
                        dtype: torch.dtype | None = None) -> GlyphEncoder:
-    cfg = config_from_official(read_json(Path(folder) / "config.json"))
-    model = build_on_meta(lambda: GlyphEncoder(cfg))
+    cfg = read_config(Path(folder) / "config.json", config_from_official)
+    model = build_on_meta(lambda: GlyphEncoder(cfg), f"{Path(folder)}/config.json")
 
     def cast(key: str, t: torch.Tensor) -> torch.Tensor:
         if dtype is None or not t.is_floating_point():

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from glimage.checkpoint import build_on_meta, load_strict, read_json, read_state_dict, save_state_dict, write_json
+from glimage.checkpoint import build_on_meta, load_strict, read_config, read_state_dict, save_state_dict, write_json
 from glimage.config import VAEConfig
 from glimage.models.vae import AutoencoderKL
+from glimage.validate import InputError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -33,9 +34,9 @@ def config_from_official(d: dict) -> VAEConfig:
     for key, (want, default) in required.items():
         got = d.get(key, default)
         if (list(got) if isinstance(got, (list, tuple)) else got) != want:
-            raise ValueError(f"unsupported VAE config: {key}={got!r} (supported: {want!r})")
+            raise InputError(f"unsupported VAE config: {key}={got!r} (supported: {want!r})")
     if d.get("shift_factor") is not None:
-        raise ValueError(f"unsupported VAE config: shift_factor={d['shift_factor']!r} (GLM-Image uses latents_mean)")
+        raise InputError(f"unsupported VAE config: shift_factor={d['shift_factor']!r} (GLM-Image uses latents_mean)")
     mean, std = d.get("latents_mean"), d.get("latents_std")
     return VAEConfig(
         in_channels=d.get("in_channels", 3),
@@ -82,8 +83,8 @@ def to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_vae(folder: str | os.PathLike, device: torch.device | str = "cpu",
              dtype: torch.dtype | None = None) -> AutoencoderKL:
-    cfg = config_from_official(read_json(Path(folder) / "config.json"))
-    model = build_on_meta(lambda: AutoencoderKL(cfg))
+    cfg = read_config(Path(folder) / "config.json", config_from_official)
+    model = build_on_meta(lambda: AutoencoderKL(cfg), f"{Path(folder)}/config.json")
     load_strict(model, from_official(read_state_dict(folder, device, dtype)), what=f"VAE checkpoint {folder}")
     return model.eval()
 

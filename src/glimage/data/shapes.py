@@ -37,6 +37,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..validate import InputError
+
 SIZE = 128
 BACKGROUND = (255, 255, 255)
 # Saturated palette colours with hues >= 25 degrees apart (red 0, orange 27, yellow 55, green 129, blue 229,
@@ -218,11 +220,11 @@ def render_sample(split: str, seed: int, index: int) -> tuple[Image.Image, dict]
 
 def _check_args(n: int, seed: int, split: str) -> None:
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} must be an integer >= 1")
+        raise InputError(f"n={n!r} must be an integer >= 1")
     if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+        raise InputError(f"seed={seed!r} must be an integer >= 0")
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} must be one of {SPLITS}")
+        raise InputError(f"split={split!r} must be one of {SPLITS}")
 
 
 def generate_shapes(out_dir: str | os.PathLike, n: int, seed: int = 0, split: str = "train") -> list[dict]:

@@ -20,23 +20,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config key (TOML value syntax), e.g. --set steps=20 lr=3e-4 "
                         "model.ar.text.num_hidden_layers=2; repeatable")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .config import load_config
-
+def main(argv: list[str] | None = None, handle_errors: bool = True) -> int:
+    """handle_errors: apply the CLI's error contract (exit 2 for bad input); `glimage train` applies it itself."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> int:
+        from .config import load_config
         cfg = load_config(args.config, args.overrides)
         from .loop import train
         export = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"glimage train: error: {e}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(export)
-    return 0
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(export)
+        return 0
+
+    if not handle_errors:
+        return run()
+    from ..cli import run as run_with_errors
+    return run_with_errors("glimage train", run, args.debug)
 
 
 if __name__ == "__main__":

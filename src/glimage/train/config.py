@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..validate import MAX_SEED, InputError, check_dataclass, check_float, check_int
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -49,7 +51,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     device: str = ""  # "" = best available
-    checkpoint_every: int = 50
+    checkpoint_every: int = 50  # 0 = only at the end
     keep_checkpoints: int = 2
     log_every: int = 1
     sample_every: int = 0  # write sample images every N steps (image stages); 0 = only at the end
@@ -82,45 +84,70 @@ class TrainConfig:
     lora_merge: bool = True  # export merged weights (official layout) or keep the adapter separate
 
     def __post_init__(self):
+        check_dataclass(self)
         if self.stage not in STAGES:
-            raise ValueError(f"stage={self.stage!r} must be one of {STAGES}")
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
+            raise InputError(f"stage={self.stage!r} must be one of {STAGES}")
+        check_int("steps", self.steps, 1)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_float("lr", self.lr, 0, 1, lo_open=True)
+        check_float("min_lr", self.min_lr, 0, self.lr)
+        for name in ("warmup", "num_workers", "sample_every", "lora_rank", "refit_codes", "checkpoint_every"):
+            check_int(name, getattr(self, name), 0)
+        for name in ("keep_checkpoints", "log_every", "data_n", "image_size", "group_size",
+                     "reward_steps"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("weight_decay", "grad_clip", "kl_weight", "commit_weight"):
+            check_float(name, getattr(self, name), 0)
+        for name in ("beta1", "beta2", "ema"):
+            check_float(name, getattr(self, name), 0, 0.9999999)
+        for name in ("cond_drop", "glyph_prior_drop", "glyph_prior_swap"):
+            check_float(name, getattr(self, name), 0, 1)
+        check_float("lora_alpha", self.lora_alpha, 0, lo_open=True)
         if not 0 <= self.stop_at <= self.steps:
-            raise ValueError(f"stop_at={self.stop_at} must be in [0, steps={self.steps}] (0 = run to the end)")
+            raise InputError(f"stop_at={self.stop_at} must be in [0, steps={self.steps}] (0 = run to the end)")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
+            raise InputError(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
+            raise InputError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
         for key in ("color_aug", "freeze_encoder"):
             if getattr(self, key) and self.stage != "vae":
-                raise ValueError(f"{key}=true is for the vae stage only (stage={self.stage!r})")
+                raise InputError(f"{key}=true is for the vae stage only (stage={self.stage!r})")
         if self.refit_codes and self.stage != "tokenizer":
-            raise ValueError(f"refit_codes={self.refit_codes} is for the tokenizer stage only (stage={self.stage!r})")
-        if self.refit_codes < 0:
-            raise ValueError(f"refit_codes={self.refit_codes} must be >= 0")
+            raise InputError(f"refit_codes={self.refit_codes} is for the tokenizer stage only (stage={self.stage!r})")
         if self.train_glyph and self.stage != "decoder":
-            raise ValueError(f"train_glyph=true is for the decoder stage only (stage={self.stage!r})")
+            raise InputError(f"train_glyph=true is for the decoder stage only (stage={self.stage!r})")
         if self.train_glyph and self.lora_rank:
-            raise ValueError(f"train_glyph=true trains the glyph encoder fully; it does not combine with LoRA "
+            raise InputError(f"train_glyph=true trains the glyph encoder fully; it does not combine with LoRA "
                              f"(lora_rank={self.lora_rank})")
         if self.positive_only and self.stage != "grpo":
-            raise ValueError(f"positive_only=true is for the grpo stage only (stage={self.stage!r})")
+            raise InputError(f"positive_only=true is for the grpo stage only (stage={self.stage!r})")
         if self.stage == "grpo" and self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size} must be >= 2 (GRPO compares the samples of a group)")
-        if self.reward_steps < 1:
-            raise ValueError(f"reward_steps={self.reward_steps} must be >= 1")
+            raise InputError(f"group_size={self.group_size} must be >= 2 (GRPO compares the samples of a group)")
         if self.freeze_encoder and not self.base:
-            raise ValueError("freeze_encoder=true needs a base folder whose VAE encoder to keep")
+            raise InputError("freeze_encoder=true needs a base folder whose VAE encoder to keep")
 
 
 def _read(path: Path) -> dict:
-    if path.suffix in (".yaml", ".yml"):
-        import yaml  # optional: pip install glimage[train]
-        with open(path) as f:
-            return yaml.safe_load(f) or {}
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml  # optional: pip install glimage[train]
+            with open(path, encoding="utf-8") as f:
+                d = yaml.safe_load(f) or {}
+        else:
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+    except ImportError:
+        raise InputError(f"{path} is YAML: pip install pyyaml (or glimage[train]), or write it as TOML") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # TOMLDecodeError and YAMLError's parse errors
+        raise InputError(f"{path} is not a readable {'YAML' if path.suffix in ('.yaml', '.yml') else 'TOML'} "
+                         f"config: {e}") from None
+    except Exception as e:  # yaml.YAMLError does not derive from ValueError
+        if type(e).__module__.startswith("yaml"):
+            raise InputError(f"{path} is not a readable YAML config: {e}") from None
+        raise
+    if not isinstance(d, dict):
+        raise InputError(f"{path} must hold a table of key = value pairs, got a {type(d).__name__}")
+    return d
 
 
 def _parse_value(text: str):
@@ -136,27 +163,45 @@ def load_config(config: str | os.PathLike, overrides: list[str] | None = None) -
         recipe = RECIPES / f"{config}.toml"
         if not recipe.is_file():
             names = sorted(p.stem for p in RECIPES.glob("*.toml"))
-            raise ValueError(f"{config!r} is neither a file nor a shipped recipe; recipes: {names}")
+            raise InputError(f"{config!r} is neither a file nor a shipped recipe; recipes: {names}")
         path = recipe
     d = _read(path)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"unknown keys in {path}: {unknown}")
+        raise InputError(f"unknown keys in {path}: {unknown}")
     model = dict(d.pop("model", {}) or {})
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r} must look like key=value")
+            raise InputError(f"--set {item!r} must look like key=value")
         value = _parse_value(text)
         if key.startswith("model."):
             model[key[len("model."):]] = value
         elif key in names:
             d[key] = value
         else:
-            raise ValueError(f"--set {key!r}: unknown key; known keys: {sorted(names)}")
+            raise InputError(f"--set {key!r}: unknown key; known keys: {sorted(names)}")
     d["model"] = _flatten(model)
+    _check_model(d.get("preset", "tiny"), d["model"])
     return TrainConfig(**d)
+
+
+def _check_model(preset: str, model: dict) -> None:
+    """`model.*` overrides name real fields of the preset's configs and have their types."""
+    from ..config import PRESETS, replace
+    if preset not in PRESETS:
+        raise InputError(f"preset={preset!r} must be one of {sorted(PRESETS)}", "preset")
+    for key in model:
+        node, path = PRESETS[preset], []
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+                fields = sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
+                raise InputError(f"model.{key}: {'.'.join(['model', *path, part])} names no field of the model "
+                                 f"config; fields there: {fields}", "model")
+            node, path = getattr(node, part), [*path, part]
+    cfg = replace(PRESETS[preset], **{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
+    check_dataclass(cfg, "model.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

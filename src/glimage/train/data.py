@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..validate import InputError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -52,7 +54,7 @@ def aspect_buckets(image_size: int) -> list[tuple[int, int]]:
     image_size=128 gives 256x64, 224x64, 192x96, 160x96, 128x128 and their transposes.
     """
     if not isinstance(image_size, int) or image_size < BUCKET_STEP or image_size % BUCKET_STEP:
-        raise ValueError(f"image_size={image_size!r} must be a multiple of {BUCKET_STEP} >= {BUCKET_STEP} "
+        raise InputError(f"image_size={image_size!r} must be a multiple of {BUCKET_STEP} >= {BUCKET_STEP} "
                          f"when buckets are enabled")
     area = image_size * image_size
     found = set()
@@ -116,7 +118,7 @@ def _resolve(root: str) -> tuple[str, list[Path]]:
     else:
         shards = sorted(Path(p) for p in glob.glob(str(root)) if p.endswith(".tar"))
     if not shards:
-        raise ValueError(f"data {str(root)!r} is not a folder with metadata.jsonl, a directory of .tar shards, "
+        raise InputError(f"data {str(root)!r} is not a folder with metadata.jsonl, a directory of .tar shards, "
                          f"a .tar file or a glob matching .tar files")
     return "tar", shards
 
@@ -220,7 +222,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, image_size: int, buckets: bool = False):
         if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size={image_size!r} must be a positive integer")
+            raise InputError(f"image_size={image_size!r} must be a positive integer")
         self.root, self.image_size = str(root), image_size
         self.skipped: Counter = Counter()
         kind, paths = _resolve(self.root)
@@ -296,9 +298,9 @@ class BatchPlan:
     def __init__(self, dataset, batch_size: int, seed: int):
         n = len(dataset)
         if n < 1:
-            raise ValueError(f"the dataset is empty: nothing to plan batches from ({getattr(dataset, 'root', '')})")
+            raise InputError(f"the dataset is empty: nothing to plan batches from ({getattr(dataset, 'root', '')})")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+            raise InputError(f"batch_size={batch_size!r} must be a positive integer")
         self.batch_size, self.seed = batch_size, seed % 2**63  # SeedSequence takes non-negative entropy
         ids = getattr(dataset, "bucket_ids", None)
         if ids is None:
@@ -328,7 +330,7 @@ class BatchPlan:
 
     def indices(self, step: int) -> list[int]:
         if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step={step!r} must be an integer >= 0")
+            raise InputError(f"step={step!r} must be an integer >= 0")
         return self._epoch(step // self.steps_per_epoch)[step % self.steps_per_epoch].tolist()
 
 
@@ -370,7 +372,7 @@ def folder_to_shards(src: str | os.PathLike, dst: str | os.PathLike, per_shard: 
     unparsable metadata lines are left out (with a warning).
     """
     if per_shard < 1:
-        raise ValueError(f"per_shard={per_shard!r} must be >= 1")
+        raise InputError(f"per_shard={per_shard!r} must be >= 1")
     src, dst = Path(src), Path(dst)
     records = []
     for line in (src / "metadata.jsonl").read_text(encoding="utf-8").splitlines():

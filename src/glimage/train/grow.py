@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import read_json, read_state_dict, save_state_dict, write_json
+from ..validate import InputError
 
 LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.(.+)$")
 ZEROED = ("post_self_attn_layernorm.weight", "post_mlp_layernorm.weight")
@@ -34,7 +35,7 @@ def grow_layers(state_dict: dict[str, torch.Tensor], n_layers: int,
     """The AR state dict with one identity layer inserted after each index in `after` (0 <= i < n_layers)."""
     bad = sorted(i for i in after if not 0 <= i < n_layers)
     if bad or len(set(after)) != len(after):
-        raise ValueError(f"--after {after}: layer indices must be distinct and in 0..{n_layers - 1}")
+        raise InputError(f"--after {after}: layer indices must be distinct and in 0..{n_layers - 1}")
     layers: dict[int, dict[str, torch.Tensor]] = {}
     out = {}
     for key, value in state_dict.items():
@@ -44,7 +45,7 @@ def grow_layers(state_dict: dict[str, torch.Tensor], n_layers: int,
         else:
             out[key] = value
     if sorted(layers) != list(range(n_layers)):
-        raise ValueError(f"the state dict has layers {sorted(layers)}, the config says {n_layers}")
+        raise InputError(f"the state dict has layers {sorted(layers)}, the config says {n_layers}")
     order = [(i, grown) for i in range(n_layers) for grown in ((False, True) if i in after else (False,))]
     for j, (i, grown) in enumerate(order):
         for name, value in layers[i].items():
@@ -59,9 +60,9 @@ def grow_folder(base: str | Path, out: str | Path, after: list[int]) -> int:
     """Copy the model folder `base` to the new folder `out` with its AR grown; returns the new layer count."""
     base, out = Path(base), Path(out)
     if not (base / "vision_language_encoder").is_dir():
-        raise FileNotFoundError(f"{base} is not a GLM-Image folder (no vision_language_encoder/)")
+        raise InputError(f"{base} is not a GLM-Image folder (no vision_language_encoder/)")
     if out.exists():
-        raise ValueError(f"{out} exists; name a new folder (nothing is overwritten)")
+        raise InputError(f"{out} exists; name a new folder (nothing is overwritten)")
     cfg = read_json(base / "vision_language_encoder" / "config.json")
     n = cfg["text_config"]["num_hidden_layers"]
     sd = grow_layers(read_state_dict(base / "vision_language_encoder"), n, after)  # checked before writing

@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..device import DTYPES, manual_generator, peak_memory_bytes, synchronize
+from ..validate import InputError
 from . import dist as D
 from .ckpt import Checkpointer, apply_train_state, fault, train_state
 from .config import TrainConfig
@@ -128,7 +129,7 @@ class _MicroBatches:
         for i in range(self.start, self.cfg.steps):
             idx = [int(j) for j in self.plan.indices(i)]
             if len(idx) != self.cfg.batch_size:
-                raise ValueError(f"plan.indices({i}) gave {len(idx)} indices; batch_size={self.cfg.batch_size}")
+                raise InputError(f"plan.indices({i}) gave {len(idx)} indices; batch_size={self.cfg.batch_size}")
             mine = idx[self.rank * self.b:(self.rank + 1) * self.b]
             for a in range(self.cfg.grad_accum):
                 yield mine[a * self.m:(a + 1) * self.m]
@@ -151,7 +152,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise ValueError("the stage's model has no trainable parameters")
+        raise InputError("the stage's model has no trainable parameters")
     # no weight decay on vectors (norm gains, biases, scalars): decaying them only hurts
     groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
@@ -212,7 +213,7 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
     try:
         W, rank, device = d.world, d.rank, d.device
         if cfg.batch_size % (W * cfg.grad_accum):
-            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by world size {W} x "
+            raise InputError(f"batch_size={cfg.batch_size} must be divisible by world size {W} x "
                              f"grad_accum={cfg.grad_accum}")
         out = Path(cfg.out)
         if stage is None:

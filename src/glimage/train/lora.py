@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import read_json, write_json
+from ..validate import InputError
 
 FORMAT = "glimage-lora-v1"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "lora.safetensors", "lora.json"
@@ -39,7 +40,7 @@ DIT_TARGETS = ("transformer_blocks.*.attn1.to_q", "transformer_blocks.*.attn1.to
 class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         if rank < 1:
-            raise ValueError(f"LoRA rank={rank} must be >= 1")
+            raise InputError(f"LoRA rank={rank} must be >= 1")
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same Parameter objects: names and storage kept
@@ -82,7 +83,7 @@ def apply_lora(module: nn.Module, rank: int, alpha: float, targets=AR_TARGETS, f
     only the LoRA parameters keep requires_grad. Returns the wrapped names (raises if nothing matched)."""
     names = [n for n, m in module.named_modules() if type(m) is nn.Linear and _matches(n, targets)]
     if not names:
-        raise ValueError(f"no nn.Linear of {type(module).__name__} matches the LoRA targets {list(targets)}")
+        raise InputError(f"no nn.Linear of {type(module).__name__} matches the LoRA targets {list(targets)}")
     if freeze:
         for p in module.parameters():
             p.requires_grad_(False)
@@ -139,11 +140,11 @@ def save_lora(module: nn.Module, folder: str | os.PathLike, targets=()) -> None:
     """Write `lora.safetensors` + `lora.json` of every LoRALinear of `module` into `folder`."""
     mods = lora_modules(module)
     if not mods:
-        raise ValueError(f"{type(module).__name__} has no LoRA layers to save")
+        raise InputError(f"{type(module).__name__} has no LoRA layers to save")
     ranks = {m.rank for m in mods.values()}
     alphas = {m.alpha for m in mods.values()}
     if len(ranks) != 1 or len(alphas) != 1:
-        raise ValueError(f"mixed LoRA ranks {sorted(ranks)} / alphas {sorted(alphas)} cannot share one lora.json")
+        raise InputError(f"mixed LoRA ranks {sorted(ranks)} / alphas {sorted(alphas)} cannot share one lora.json")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -164,23 +165,23 @@ def apply_lora_file(module: nn.Module, path: str | os.PathLike, merge: bool = Tr
     folder = path if path.is_dir() else path.parent
     conf = read_json(folder / ADAPTER_CONFIG)
     if conf.get("format") != FORMAT:
-        raise ValueError(f"{folder / ADAPTER_CONFIG}: format {conf.get('format')!r} is not {FORMAT!r}")
+        raise InputError(f"{folder / ADAPTER_CONFIG}: format {conf.get('format')!r} is not {FORMAT!r}")
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     rank, alpha, names = int(conf["rank"]), float(conf["alpha"]), list(conf["modules"])
     expected = {f"{n}.lora_{x}" for n in names for x in "AB"}
     if set(tensors) != expected:
-        raise ValueError(f"{folder / ADAPTER_WEIGHTS} does not match lora.json: "
+        raise InputError(f"{folder / ADAPTER_WEIGHTS} does not match lora.json: "
                          f"missing {sorted(expected - set(tensors))[:5]}, extra {sorted(set(tensors) - expected)[:5]}")
     for n in names:
         try:
             lin = module.get_submodule(n)
         except AttributeError as e:
-            raise ValueError(f"adapter module {n!r} does not exist in {type(module).__name__}") from e
+            raise InputError(f"adapter module {n!r} does not exist in {type(module).__name__}") from e
         if not isinstance(lin, nn.Linear):
-            raise ValueError(f"adapter module {n!r} is a {type(lin).__name__}, not an nn.Linear")
+            raise InputError(f"adapter module {n!r} is a {type(lin).__name__}, not an nn.Linear")
         a, b = tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"]
         if tuple(a.shape) != (rank, lin.in_features) or tuple(b.shape) != (lin.out_features, rank):
-            raise ValueError(f"adapter {n}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a "
+            raise InputError(f"adapter {n}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a "
                              f"{lin.in_features}->{lin.out_features} linear at rank {rank}")
         w = lin.weight
         if merge:
@@ -188,7 +189,7 @@ def apply_lora_file(module: nn.Module, path: str | os.PathLike, merge: bool = Tr
                 w.add_(((b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)) * (alpha / rank)).to(w.dtype))
         else:
             if isinstance(lin, LoRALinear):
-                raise ValueError(f"module {n!r} already carries a LoRA adapter")
+                raise InputError(f"module {n!r} already carries a LoRA adapter")
             new = LoRALinear(lin, rank, alpha)
             with torch.no_grad():
                 new.lora_A.copy_(a)

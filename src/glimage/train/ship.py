@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import read_json, read_state_dict, save_state_dict, weight_files, write_json
 from ..device import DTYPES
+from ..validate import InputError
 
 DEFAULT_KEYS = {"height": int, "width": int, "num_inference_steps": int, "guidance_scale": float}
 TOKENIZER_PREFIXES = ("model.visual.", "model.vqmodel.")
@@ -37,12 +38,12 @@ def assemble(ar: str | Path, decoder: str | Path, out: str | Path, vae: str | Pa
     ar, decoder, out = Path(ar), Path(decoder), Path(out)
     for folder in (ar, decoder):
         if not (folder / "vision_language_encoder").is_dir():
-            raise FileNotFoundError(f"{folder} is not a GLM-Image folder (no vision_language_encoder/)")
+            raise InputError(f"{folder} is not a GLM-Image folder (no vision_language_encoder/)")
     a = read_state_dict(ar / "vision_language_encoder", prefixes=TOKENIZER_PREFIXES)
     d = read_state_dict(decoder / "vision_language_encoder", prefixes=TOKENIZER_PREFIXES)
     differ = sorted(k for k in a.keys() | d.keys() if k not in a or k not in d or not torch.equal(a[k], d[k]))
     if differ:
-        raise ValueError(f"{ar} and {decoder} were trained on different VQ tokenizers ({len(differ)} tensors "
+        raise InputError(f"{ar} and {decoder} were trained on different VQ tokenizers ({len(differ)} tensors "
                          f"differ, e.g. {differ[0]}); train both stages from the same tokenizer export")
     if vae is not None:
         _check_same_latents(Path(vae), decoder)
@@ -65,7 +66,7 @@ def _check_same_latents(vae: Path, decoder: Path) -> None:
     stats = [{k: read_json(f / "vae" / "config.json").get(k) for k in ("latents_mean", "latents_std")}
              for f in (vae, decoder)]
     if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a) or stats[0] != stats[1]:
-        raise ValueError(f"the VAE of {vae} does not share the encoder and latent statistics of {decoder}'s, "
+        raise InputError(f"the VAE of {vae} does not share the encoder and latent statistics of {decoder}'s, "
                          "which its DiT was trained on (fine-tune the VAE with freeze_encoder = true)")
 
 
@@ -88,7 +89,7 @@ def write_defaults(folder: str | Path, pairs: list[str]) -> dict:
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key not in DEFAULT_KEYS:
-            raise ValueError(f"unknown default {key!r}; allowed: {sorted(DEFAULT_KEYS)}")
+            raise InputError(f"unknown default {key!r}; allowed: {sorted(DEFAULT_KEYS)}")
         defaults[key] = DEFAULT_KEYS[key](value)
     write_json(Path(folder) / "glimage.json", defaults)
     return defaults

@@ -11,6 +11,7 @@ Each export writes a complete GLM-Image folder: the base folder with the trained
 
 from __future__ import annotations
 
+from ...validate import InputError
 from ..config import TrainConfig
 
 
@@ -31,4 +32,4 @@ def make_stage(cfg: TrainConfig, dataset=None):
     if cfg.stage == "grpo":
         from .grpo import GRPOStage
         return GRPOStage(cfg, dataset)
-    raise ValueError(f"stage={cfg.stage!r} must be one of vae, tokenizer, ar, decoder, grpo")
+    raise InputError(f"stage={cfg.stage!r} must be one of vae, tokenizer, ar, decoder, grpo")

@@ -29,18 +29,32 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...config import ARConfig
 from ...checkpoint import load_strict
+from ...config import ARConfig
 from ...models.ar import GlmImageAR, KVCache, TextModel
-from ...prompt import GlmTokenizer, build_prompts, check_size, target_grids
+from ...prompt import GlmTokenizer, build_prompts, target_grids
 from ...sampling import prefill_mask
+from ...validate import InputError, check_target_size
 from ..config import TrainConfig
 from ..lora import AR_TARGETS, apply_lora, merged_state_dict, save_lora
 from ..losses import ar_loss
 from ..stage import StepOutput
-from .common import (StageBase, SAMPLE_PROMPTS, VQEncoder, empty_output, export_ar, frozen_vq_encoder,
-                     groups_by, load_part, model_config, random_pipeline, save_images, seeded_init, tokenize_sources,
-                     vq_pixels)
+from .common import (
+    SAMPLE_PROMPTS,
+    StageBase,
+    VQEncoder,
+    empty_output,
+    export_ar,
+    frozen_vq_encoder,
+    groups_by,
+    load_part,
+    model_config,
+    random_pipeline,
+    save_images,
+    seeded_init,
+    tokenize_sources,
+    vq_pixels,
+)
 
 TRAINED = ("ar.text.", "ar.grid_factor", "ar.preview_side", "ar.source_", "ar.min_size", "ar.max_size",
            "ar.max_aspect_ratio", "ar.temperature", "ar.top_k", "ar.top_p")
@@ -82,19 +96,19 @@ def ar_batch(texts: list[str], height: int, width: int, tok: GlmTokenizer, cfg: 
 
     grids: the target id grids in generation order, each (B, gh, gw) (t2i: preview then large; i2i: large);
     source_ids[b][i]: (gh, gw) ids of sample b's source i."""
-    check_size(height, width, cfg)
+    check_target_size(height, width, cfg, text_to_image=not source_ids)
     source_grids = [[tuple(g.shape) for g in row] for row in source_ids] if source_ids else None
     batch = build_prompts(texts, height, width, tok, cfg, source_grids)
     want = [tuple(g) for g in batch.grids]
     got = [tuple(g.shape[1:]) for g in grids]
     if want != got:
-        raise ValueError(f"target grids {got} do not match the grids inference generates {want}")
+        raise InputError(f"target grids {got} do not match the grids inference generates {want}")
     input_ids = batch.input_ids
     if source_ids:
         slots = input_ids == tok.image_id
         flat = torch.cat([g.flatten().cpu() for row in source_ids for g in row])
         if int(slots.sum()) != flat.numel():
-            raise ValueError(f"prompt has {int(slots.sum())} image slots for {flat.numel()} source tokens")
+            raise InputError(f"prompt has {int(slots.sum())} image slots for {flat.numel()} source tokens")
         input_ids = input_ids.masked_scatter(slots, flat)
     B, L = input_ids.shape
     gen = torch.cat([g.reshape(B, -1).cpu() for g in grids], dim=1)  # (B, n)

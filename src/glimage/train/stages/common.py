@@ -26,12 +26,14 @@ from torch import nn
 
 from ...checkpoint import CheckpointError, load_strict, read_json, read_state_dict
 from ...config import ARConfig, GlmImageConfig, get_preset, replace
-from ...convert.ar import from_official as ar_from_official, read_ar_config
+from ...convert.ar import from_official as ar_from_official
+from ...convert.ar import read_ar_config
 from ...convert.dit import config_from_official as dit_config
 from ...convert.glyph import config_from_official as glyph_config
 from ...convert.vae import config_from_official as vae_config
 from ...image import preprocess_source
 from ...models.vision import VisionEncoder, VQTokenizer
+from ...validate import InputError
 from ..config import TrainConfig
 
 SAMPLE_PROMPTS = ("a red circle", "a blue square on the left", "a yellow triangle above a purple circle",
@@ -58,12 +60,12 @@ def model_config(cfg: TrainConfig, trained: tuple[str, ...]) -> tuple[GlmImageCo
     if cfg.base:
         root = Path(cfg.base)
         if not (root / "vision_language_encoder").is_dir():
-            raise ValueError(f"base={cfg.base!r} is not a GLM-Image folder (no vision_language_encoder/); run the "
+            raise InputError(f"base={cfg.base!r} is not a GLM-Image folder (no vision_language_encoder/); run the "
                              f"recipe that produces it first, or set base=\"\" to start from random weights")
         base = read_folder_config(root)
         frozen = sorted(k for k in cfg.model if not k.startswith(trained))
         if frozen:
-            raise ValueError(f"model overrides {frozen} change a frozen component of base={cfg.base!r}; with a base "
+            raise InputError(f"model overrides {frozen} change a frozen component of base={cfg.base!r}; with a base "
                              f"folder only the trained component ({', '.join(trained)}*) may be overridden")
     else:
         base = get_preset(cfg.preset)
@@ -217,7 +219,7 @@ def collate(samples: list[dict[str, Any] | None]) -> dict[str, Any]:
         return {"images": None, "texts": [], "sources": [], "index": []}
     sizes = sorted({tuple(s["image"].shape) for s in samples})
     if len(sizes) > 1:
-        raise ValueError(f"one batch holds images of different sizes {sizes}; use buckets=true or one image_size")
+        raise InputError(f"one batch holds images of different sizes {sizes}; use buckets=true or one image_size")
     return {"images": torch.stack([s["image"] for s in samples]), "texts": [s["text"] for s in samples],
             "sources": [list(s.get("sources") or []) for s in samples], "index": [s["index"] for s in samples]}
 
@@ -332,7 +334,7 @@ def sample_generators(batch: dict, generator: torch.Generator, n: int) -> list[t
     if seeds is None:
         seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
     if len(seeds) != n:
-        raise ValueError(f"{len(seeds)} sample seeds for {n} samples")
+        raise InputError(f"{len(seeds)} sample seeds for {n} samples")
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 

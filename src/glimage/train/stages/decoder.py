@@ -48,13 +48,27 @@ from ...glyph_text import encode_glyphs, glyph_texts, glyph_token_ids
 from ...models.dit import GlmImageDiT, RefKV
 from ...models.glyph import GlyphEncoder
 from ...prior import upsample_ids
+from ...validate import InputError
 from ..config import TrainConfig
 from ..lora import DIT_TARGETS, apply_lora, merged_state_dict, save_lora
 from ..losses import flow_loss
 from ..stage import StepOutput
-from .common import (StageBase, SAMPLE_PROMPTS, sample_generators, empty_output, export_folder,
-                     frozen_vq_encoder, groups_by, model_config, random_pipeline, save_images, seeded_init, to_pil,
-                     tokenize_sources, vq_pixels)
+from .common import (
+    SAMPLE_PROMPTS,
+    StageBase,
+    empty_output,
+    export_folder,
+    frozen_vq_encoder,
+    groups_by,
+    model_config,
+    random_pipeline,
+    sample_generators,
+    save_images,
+    seeded_init,
+    to_pil,
+    tokenize_sources,
+    vq_pixels,
+)
 
 
 class TrainableDiT(GlmImageDiT):
@@ -83,13 +97,13 @@ class DecoderStage(StageBase):
     def __init__(self, cfg: TrainConfig, dataset=None):
         for name in ("cond_drop", "glyph_prior_drop", "glyph_prior_swap"):
             if not 0 <= getattr(cfg, name) <= 1:
-                raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1]")
+                raise InputError(f"{name}={getattr(cfg, name)} must be in [0, 1]")
         self.cfg = cfg
         # a trained glyph encoder may take another shape than the base's (it then starts from random weights)
         trained = ("dit.", "scheduler.", "glyph.") if cfg.train_glyph else ("dit.", "scheduler.")
         self.model_cfg, self.base_cfg = model_config(cfg, trained)
         if self.model_cfg.glyph.d_model != self.model_cfg.dit.text_embed_dim:
-            raise ValueError(f"glyph.d_model={self.model_cfg.glyph.d_model} must equal dit.text_embed_dim="
+            raise InputError(f"glyph.d_model={self.model_cfg.glyph.d_model} must equal dit.text_embed_dim="
                              f"{self.model_cfg.dit.text_embed_dim} (the DiT projects the glyph tokens)")
         self._dataset = dataset
         self.device, self.dtype = torch.device("cpu"), torch.float32

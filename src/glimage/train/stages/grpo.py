@@ -32,6 +32,7 @@ from ...device import manual_generator
 from ...prior import upsample_ids
 from ...prompt import build_prompts
 from ...sampling import generate_grid_tokens
+from ...validate import InputError
 from ..config import TrainConfig
 from ..losses import group_advantages, policy_gradient_loss
 from ..stage import StepOutput
@@ -56,7 +57,7 @@ class PromptRecords(torch.utils.data.Dataset):
     def __init__(self, root: str | Path):
         path = Path(root) / "metadata.jsonl"
         if not path.is_file():
-            raise ValueError(f"data={str(root)!r}: the grpo stage reads the captions and their specs from "
+            raise InputError(f"data={str(root)!r}: the grpo stage reads the captions and their specs from "
                              f"metadata.jsonl (a `glimage data shapes` folder); {path} not found")
         with open(path) as f:
             self.records = [json.loads(line) for line in f if line.strip()]
@@ -88,7 +89,7 @@ class GRPOStage(ARStage):
     def __init__(self, cfg: TrainConfig, dataset=None, reward: Reward | None = None):
         super().__init__(cfg, dataset)
         if reward is None and cfg.reward not in REWARDS:
-            raise ValueError(f"reward={cfg.reward!r} must be one of {sorted(REWARDS)}")
+            raise InputError(f"reward={cfg.reward!r} must be one of {sorted(REWARDS)}")
         self.reward = reward or REWARDS[cfg.reward]
         self.pipe = None
 

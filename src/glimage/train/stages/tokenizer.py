@@ -40,11 +40,21 @@ from torch import nn
 
 from ...config import ARConfig
 from ...prompt import target_grids
+from ...validate import InputError
 from ..config import TrainConfig
 from ..losses import code_usage, revive_loss, straight_through, vq_losses
 from ..stage import StepOutput
-from .common import (StageBase, VQEncoder, empty_output, export_ar, load_part, model_config, save_images,
-                     seeded_init, vq_pixels)
+from .common import (
+    StageBase,
+    VQEncoder,
+    empty_output,
+    export_ar,
+    load_part,
+    model_config,
+    save_images,
+    seeded_init,
+    vq_pixels,
+)
 
 PX_PER_TOKEN = 8  # reconstruction resolution of the auxiliary decoder
 REVIVE_POOL = 512  # encoder outputs a dead code may be pulled to (a random subset of the micro-batch's)
@@ -136,7 +146,7 @@ class TokenizerStage(StageBase):
 
     def __init__(self, cfg: TrainConfig, dataset=None):
         if cfg.lora_rank:
-            raise ValueError(f"lora_rank={cfg.lora_rank}: LoRA is supported for the ar and decoder stages only")
+            raise InputError(f"lora_rank={cfg.lora_rank}: LoRA is supported for the ar and decoder stages only")
         self.cfg = cfg
         self.model_cfg, self.base_cfg = model_config(cfg, ("ar.vision.", "ar.vq."))
         self.ar_cfg = self.model_cfg.ar

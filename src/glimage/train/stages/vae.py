@@ -21,11 +21,11 @@ from torch import nn
 from ...checkpoint import load_strict, read_state_dict
 from ...convert.vae import save_vae
 from ...models.vae import AutoencoderKL, DiagonalGaussian
+from ...validate import InputError
 from ..config import TrainConfig
 from ..losses import vae_loss
 from ..stage import StepOutput
-from .common import (StageBase, empty_output, export_folder, model_config, sample_generators, save_images,
-                     seeded_init)
+from .common import StageBase, empty_output, export_folder, model_config, sample_generators, save_images, seeded_init
 
 STAT_IMAGES = 64
 INIT_LOGVAR = -6.0  # posterior std e^-3 ~ 0.05 at the start of training from scratch
@@ -64,7 +64,7 @@ class VAEStage(StageBase):
 
     def __init__(self, cfg: TrainConfig, dataset=None):
         if cfg.lora_rank:
-            raise ValueError(f"lora_rank={cfg.lora_rank}: LoRA is supported for the ar and decoder stages only")
+            raise InputError(f"lora_rank={cfg.lora_rank}: LoRA is supported for the ar and decoder stages only")
         self.cfg = cfg
         self.model_cfg, self.base_cfg = model_config(cfg, ("vae.",))
         self._dataset = dataset
@@ -75,7 +75,7 @@ class VAEStage(StageBase):
 
     def build(self) -> nn.Module:
         if self.cfg.freeze_encoder and self.model_cfg.vae != self.base_cfg.vae:
-            raise ValueError("freeze_encoder=true needs the base's VAE architecture (model overrides change it)")
+            raise InputError("freeze_encoder=true needs the base's VAE architecture (model overrides change it)")
         if self.cfg.base and self.model_cfg.vae == self.base_cfg.vae:
             folder = Path(self.cfg.base) / "vae"
             with torch.device("meta"):
@@ -123,7 +123,7 @@ class VAEStage(StageBase):
             if b["images"] is not None:
                 zs.append(model.encode(b["images"].to(p.device, p.dtype)).mean.float())
         if not zs:
-            raise ValueError("cannot measure latent statistics: no readable training image")
+            raise InputError("cannot measure latent statistics: no readable training image")
         z = torch.cat([z.transpose(0, 1).flatten(1) for z in zs], dim=1)  # (C, N*h*w)
         # a channel the encoder never uses would get std 0 and blow up (z - mean) / std: floor it
         return z.mean(1).tolist(), z.std(1).clamp(min=1e-3).tolist()
