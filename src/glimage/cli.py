@@ -138,8 +138,8 @@ def _info_folder(root: Path, shipped: bool) -> int:
     defaults = {**CALL_DEFAULTS, **(read_json(root / "glimage.json") if (root / "glimage.json").is_file() else {})}
     lo, hi = cfg.size_range
     print(f"{root}" + ("  (the model shipped with glimage, used when no --model is given)" if shipped else ""))
-    print(f"  AR: {cfg.text.num_hidden_layers} layers x {cfg.text.hidden_size}, visual head {cfg.text.vision_vocab_size}, "
-          f"ViT {cfg.vision.depth} x {cfg.vision.hidden_size}, codebook {cfg.vq.num_embeddings}")
+    print(f"  AR: {cfg.text.num_hidden_layers} layers x {cfg.text.hidden_size}, visual head "
+          f"{cfg.text.vision_vocab_size}, ViT {cfg.vision.depth} x {cfg.vision.hidden_size}, codebook {cfg.vq.num_embeddings}")
     print(f"  sizes: multiples of {cfg.grid_factor} px, " + (f"from {lo} to {hi}" if hi else f"at least {lo} "
           "(bounded by the AR's context)"))
     size = f"{defaults['width']}x{defaults['height']}" if "height" in defaults else "1024x1024 (clamped to the sizes)"
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--out", default=None, help="write samples.png, table.md, results.jsonl here")
     _device_args(es)
     es.set_defaults(fn=_eval_shapes)
+    from .serve import add_parser as add_serve_parser
+    add_serve_parser(sub)
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("shapes", help="synthetic captioned shapes dataset (folder with metadata.jsonl)",

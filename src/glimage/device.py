@@ -124,20 +124,25 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def busy_cpus(window: float = 0.05) -> float:
-    """How many CPUs other work keeps busy now: the non-idle share of /proc/stat over `window` seconds
-    (0 where /proc/stat is absent)."""
+    """How many CPUs *other* work keeps busy now: the non-idle share of /proc/stat over `window` seconds, less
+    this process's own CPU time (its threads may be busy starting up); 0 where /proc is absent."""
     def sample():
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:]]
-        return v[3] + v[4], sum(v[:8])  # idle + iowait, all (guest time is already in user)
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return v[3] + v[4], sum(v[:8]), int(own[11]) + int(own[12])  # idle + iowait, all, utime + stime
     try:
-        idle0, total0 = sample()
+        idle0, total0, own0 = sample()
         time.sleep(window)
-        idle1, total1 = sample()
+        idle1, total1, own1 = sample()
     except (OSError, ValueError, IndexError):
         return 0.0
-    total = total1 - total0
-    return 0.0 if total <= 0 else (1 - (idle1 - idle0) / total) * (os.cpu_count() or 1)
+    total = total1 - total0  # summed over CPUs, in the same clock ticks as a process's times
+    if total <= 0:
+        return 0.0
+    busy = (total - (idle1 - idle0)) - (own1 - own0)
+    return max(0.0, busy / total) * (os.cpu_count() or 1)
 
 
 def auto_threads() -> int:

@@ -75,9 +75,14 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Ten
     return x.float() + dt * v.float()  # a 0-dim CPU dt acts as a scalar on any device
 
 
-def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance: float) -> torch.Tensor:
-    """v_u + g (v_c - v_u). The reference pipeline only runs the unconditional branch when g > 1 (and then
-    uses v_cond alone), so callers should skip this for g <= 1 to match it bit for bit."""
-    if not guidance >= 0:  # also rejects NaN
+def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
+    """v_u + g (v_c - v_u); g a number or one per sample, (B,) (a batch of requests with their own scales).
+    The reference pipeline only runs the unconditional branch when g > 1 (and then uses v_cond alone), so
+    callers should skip this for g <= 1 to match it bit for bit."""
+    if isinstance(guidance, torch.Tensor):
+        if not bool((guidance >= 0).all()):  # also rejects NaN
+            raise InputError(f"guidance must be >= 0, got {guidance.tolist()}")
+        guidance = guidance.to(v_cond.dtype).view(-1, *[1] * (v_cond.ndim - 1))
+    elif not guidance >= 0:
         raise InputError(f"guidance must be >= 0, got {guidance!r}")
     return v_uncond + guidance * (v_cond - v_uncond)

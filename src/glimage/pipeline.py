@@ -130,10 +130,11 @@ class GlmImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device=None, dtype=None,
-                        offload: bool = False) -> "GlmImagePipeline":
+                        offload: bool = False, ar_device=None) -> "GlmImagePipeline":
         """Read an official GLM-Image folder; no path = the small model shipped in the package (offline).
         offload=True keeps the weights in CPU memory and moves each component to the accelerator only while it
-        runs (the 10 B AR and 7 B DiT are never resident together)."""
+        runs (the 10 B AR and 7 B DiT are never resident together). ar_device: run the AR on another device
+        than the rest (only prior ids cross between them), e.g. "cuda:0" and device="cuda:1"."""
         if path is None:
             if not (DEFAULT_MODEL / "vision_language_encoder").is_dir():
                 raise InputError(f"the default model is missing from the package ({DEFAULT_MODEL}); "
@@ -145,7 +146,8 @@ class GlmImagePipeline:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         load_to = torch.device("cpu") if offload else device
-        pipe = cls(load_ar(path, load_to, dtype), GlmTokenizer.from_folder(path / "processor"),
+        ar_to = load_to if offload or ar_device is None else resolve_device(ar_device)
+        pipe = cls(load_ar(path, ar_to, dtype), GlmTokenizer.from_folder(path / "processor"),
                    load_glyph_encoder(path / "text_encoder", load_to, dtype), load_dit(path / "transformer", load_to, dtype),
                    load_vae(path / "vae", load_to, dtype),
                    scheduler_from_official(read_json(path / "scheduler" / "scheduler_config.json")), device, dtype)
@@ -224,6 +226,13 @@ class GlmImagePipeline:
 
     # -- stages
 
+    def default_size(self, images=None) -> tuple[int, int]:
+        """(height, width) when none is given: the folder's default (glimage.json), else 1024 within the
+        model's range; for image-to-image the first source's size, snapped to the grid and the range."""
+        if not images and "height" in self.defaults and "width" in self.defaults:
+            return self.defaults["height"], self.defaults["width"]
+        return self._default_size(images)
+
     def _default_size(self, images) -> tuple[int, int]:
         lo, hi = self.ar.cfg.size_range
         hi = hi if hi is not None else 1 << 30
@@ -243,7 +252,7 @@ class GlmImagePipeline:
 
     def _prior(self, prompts, height, width, images, generator, seed) -> Prior:
         with self._on_device(self.ar) as ar:
-            g = seed_generator(generator, seed, self.device)
+            g = seed_generator(generator, seed, self.ar_device)
             return run_prior(ar, self.tokenizer, prompts, height, width, images, g, self.progress)
 
     def _given_prior(self, ids: torch.Tensor, n_prompts: int, height: int, width: int, images) -> Prior:
@@ -318,8 +327,7 @@ class GlmImagePipeline:
                 raise InputError(f"{len(images[0])} source images per prompt; at most {MAX_SOURCE_IMAGES}", "image")
             images = [[load_image(im, f"image[{i}]") for i, im in enumerate(row)] for row in images]  # fail early
         if height is None or width is None:
-            dh, dw = (self.defaults["height"], self.defaults["width"]) if "height" in self.defaults and not images \
-                else self._default_size(images)
+            dh, dw = self.default_size(images)
             height, width = dh if height is None else height, dw if width is None else width
         check_target_size(height, width, self.ar.cfg, text_to_image=not images)
         if generator is None:
@@ -334,47 +342,111 @@ class GlmImagePipeline:
         else:
             prior = self._given_prior(prior_token_ids, len(prompts), height, width, images)
         B = len(prompts) * num_images_per_prompt
-        do_cfg = guidance_scale > 1  # like the reference: g <= 1 runs the conditional branch alone
-        with self._on_device(self.glyph_encoder) as enc:
-            glyph = encode_glyphs(enc, prompts, self.device, self.dtype).repeat_interleave(num_images_per_prompt, 0)
-            neg = encode_glyphs(enc, [""] * B, self.device, self.dtype) if do_cfg else None
+        glyph, neg = self.encode_text(prompts, guidance_scale > 1, num_images_per_prompt)
         kv = self._reference_kv(images, prior, num_images_per_prompt) if images else None
-
-        ds = 2 ** (len(self.vae.cfg.block_out_channels) - 1)
-        shape = (B, self.dit.cfg.in_channels, height // ds, width // ds)
+        shape = (B, *self.latent_shape(height, width))
         if latents is None:
             # diffusers' randn_tensor: drawn on the generator's device, then moved
             latents = torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype)
         elif tuple(latents.shape) != shape:
             raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(self.device)
-        timesteps, sigmas = get_schedule(num_inference_steps, height, width, self.scheduler, ds,
-                                         self.dit.cfg.patch_size)
-        prior_ids = prior.ids.repeat_interleave(num_images_per_prompt, 0).to(self.device)
-        keep, drop = torch.zeros_like(prior_ids, dtype=torch.bool), torch.ones_like(prior_ids, dtype=torch.bool)
-        size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(B, 1)
-        crop = torch.zeros(B, 2, dtype=self.dtype, device=self.device)
-
-        with self._on_device(self.dit) as dit:
-            for i in tqdm(range(num_inference_steps), desc="denoising", disable=not self.progress, leave=False):
-                t = timesteps[i].to(self.device).expand(B)
-                x = latents.to(self.dtype)
-                v = dit(x, glyph, prior_ids, keep, t, size, crop, kv=kv).float()
-                if do_cfg:
-                    v = cfg_combine(dit(x, neg, prior_ids, drop, t, size, crop).float(), v, guidance_scale)
-                latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
-                if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, sigmas[i], {"latents": latents}) or {}
-                    latents = out.get("latents", latents)
-
+        on_step = None
+        if callback_on_step_end is not None:
+            def on_step(i, sigma, sigma_next, latents, v):
+                return callback_on_step_end(self, i, sigma, {"latents": latents}) or {}
+        latents = self.denoise(latents, glyph, neg, prior.ids.repeat_interleave(num_images_per_prompt, 0), height,
+                               width, num_inference_steps, guidance_scale, kv, on_step)
         if output_type == "latent":
             return GlmImageOutput(latents, prior.ids, params)
-        with self._on_device(self.vae) as vae:
-            pixels = vae.decode(vae.denormalize_latents(latents.to(self.dtype)))
+        pixels = self.decode_latents(latents)
         if output_type == "np":
             return GlmImageOutput((pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy(), prior.ids,
                                   params)
         return GlmImageOutput(to_pil(pixels), prior.ids, params)
+
+    # -- the stages, also driven one by one (and batched across requests) by the server
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        ds = 2 ** (len(self.vae.cfg.block_out_channels) - 1)
+        return self.dit.cfg.in_channels, height // ds, width // ds
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], do_cfg: bool, repeat: int = 1):
+        """Glyph embeddings of the prompts' quoted text (B, T, D), and of "" for the unconditional branch."""
+        with self._on_device(self.glyph_encoder) as enc:
+            glyph = encode_glyphs(enc, prompts, self.device, self.dtype).repeat_interleave(repeat, 0)
+            neg = encode_glyphs(enc, [""] * glyph.shape[0], self.device, self.dtype) if do_cfg else None
+        return glyph, neg
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, glyph: torch.Tensor, neg: torch.Tensor | None, prior_ids: torch.Tensor,
+                height: int, width: int, steps: int, guidance: float | torch.Tensor, kv: RefKV | None = None,
+                on_step=None) -> torch.Tensor:
+        """The flow-matching Euler loop: noise latents (B, C, h, w) -> clean latents (fp32).
+
+        neg None = no CFG (the conditional branch alone, as the reference does for guidance <= 1); guidance a
+        number or one per sample (B,). on_step(i, sigma, sigma_next, latents, v) after step i (latents now at
+        sigma_next; v the velocity the step took) may return {"latents": x}
+        to replace them, and/or {"rows": idx} to go on with those rows of the batch only (cancelled requests
+        leave it)."""
+        B = latents.shape[0]
+        ds = 2 ** (len(self.vae.cfg.block_out_channels) - 1)
+        timesteps, sigmas = get_schedule(steps, height, width, self.scheduler, ds, self.dit.cfg.patch_size)
+        latents, prior_ids = latents.to(self.device), prior_ids.to(self.device)
+        keep, drop = torch.zeros_like(prior_ids, dtype=torch.bool), torch.ones_like(prior_ids, dtype=torch.bool)
+        size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(B, 1)
+        crop = torch.zeros(B, 2, dtype=self.dtype, device=self.device)
+        if isinstance(guidance, torch.Tensor):
+            guidance = guidance.to(self.device)
+        with self._on_device(self.dit) as dit:
+            for i in tqdm(range(steps), desc="denoising", disable=not self.progress, leave=False):
+                t = timesteps[i].to(self.device).expand(latents.shape[0])
+                x = latents.to(self.dtype)
+                v = dit(x, glyph, prior_ids, keep, t, size, crop, kv=kv).float()
+                if neg is not None:
+                    v = cfg_combine(dit(x, neg, prior_ids, drop, t, size, crop).float(), v, guidance)
+                latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+                out = on_step(i, sigmas[i], sigmas[i + 1], latents, v) if on_step is not None else None
+                if out:
+                    latents = out.get("latents", latents)
+                    rows = out.get("rows")
+                    if rows is not None:
+                        if len(rows) == 0:
+                            break
+                        rows = torch.as_tensor(rows, device=self.device)
+                        latents, glyph, prior_ids, keep, drop, size, crop = (
+                            a.index_select(0, rows) for a in (latents, glyph, prior_ids, keep, drop, size, crop))
+                        neg = neg.index_select(0, rows) if neg is not None else None
+                        if isinstance(guidance, torch.Tensor):
+                            guidance = guidance.index_select(0, rows)
+                        kv = kv.select(rows) if kv is not None else None
+        return latents
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Clean latents -> pixels (B, 3, H, W) in [-1, 1]."""
+        with self._on_device(self.vae) as vae:
+            return vae.decode(vae.denormalize_latents(latents.to(self.device, self.dtype)))
+
+    @torch.no_grad()
+    def preview(self, latents: torch.Tensor, v: torch.Tensor, sigma) -> list[Image.Image]:
+        """The current estimate of the clean image from latents at `sigma` and the last velocity v:
+        x0 = x - sigma * v (flow matching: x = (1 - s) x0 + s eps, v = eps - x0), decoded."""
+        return to_pil(self.decode_latents(latents - float(sigma) * v))
+
+    @torch.no_grad()
+    def draw_priors(self, prompts: list[str], height: int, width: int, images: list[list] | None,
+                    seeds: list[int]) -> Prior:
+        """The AR stage for a batch of independent requests: row b samples from its own generator seeded
+        seeds[b], as `pipe(prompts[b], seed=seeds[b])` alone does."""
+        with self._on_device(self.ar) as ar:
+            gens = [manual_generator(self.ar_device, s) for s in seeds]
+            return run_prior(ar, self.tokenizer, prompts, height, width, images, gens, self.progress)
+
+    @property
+    def ar_device(self) -> torch.device:
+        """Where the AR runs: the pipeline's device, or its own (from_pretrained(ar_device=...))."""
+        return self.device if self.offload else self.ar.lm_head.weight.device
 
 
 # Official processor/chat_template.jinja of zai-org/GLM-Image (image items become the image span placeholders).

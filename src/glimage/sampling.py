@@ -46,7 +46,12 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, n_v
 
 
 def sample(logits, temperature, top_k, top_p, n_valid=None, generator=None) -> torch.Tensor:
+    """One id per row. generator: one for the batch (the reference's draws), or a list, one per row (a batch of
+    independent requests: row b draws exactly what it would draw alone)."""
     probs = torch.softmax(warp(logits, temperature, top_k, top_p, n_valid), dim=-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[b:b + 1], num_samples=1, generator=g)
+                          for b, g in enumerate(generator)]).squeeze(1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # (B,)
 
 
@@ -67,7 +72,8 @@ def prefill_mask(attention_mask: torch.Tensor, total: int) -> torch.Tensor | Non
 
 @torch.no_grad()
 def generate_grid_tokens(model, batch: PromptBatch, temperature: float, top_k: int, top_p: float,
-                         generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
+                         generator: torch.Generator | list[torch.Generator] | None = None,
+                         progress: bool = True) -> torch.Tensor:
     """Prefill the prompt, then sample every grid token. Returns (B, n_grid) ids, generation order."""
     check_sampling(temperature, top_k, top_p)
     device = model.lm_head.weight.device

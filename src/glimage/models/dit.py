@@ -120,6 +120,10 @@ class RefKV:
         return RefKV([torch.cat(ks, dim=0) for ks in zip(*(s.k for s in samples))],
                      [torch.cat(vs, dim=0) for vs in zip(*(s.v for s in samples))])
 
+    def select(self, rows: torch.Tensor) -> RefKV:
+        """The references of batch rows `rows` (a per-sample RefKV: one entry per row)."""
+        return RefKV([k.index_select(0, rows) for k in self.k], [v.index_select(0, rows) for v in self.v])
+
     def for_batch(self, batch_size: int) -> RefKV:
         n = self.batch_size
         if n == batch_size:

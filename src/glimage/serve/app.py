@@ -1,0 +1,441 @@
+"""`glimage serve`: the OpenAI Images API, a web page and Prometheus metrics over one loaded model.
+
+Routes: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart), GET /v1/models,
+GET /v1/images/files/{id} (the `url` answers: unguessable, expiring), GET /health, GET /metrics, GET / (page).
+Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with the fitting status, so the
+official client raises its matching exception; a bad request is never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..validate import InputError
+from . import api
+from .api import ApiError, Limits, Spec
+from .engine import Busy, Engine, Unavailable
+from .engine import Request as Job
+from .metrics import Metrics
+
+log = logging.getLogger("glimage.serve")
+STATIC = Path(__file__).parent / "static"
+# The page loads nothing from elsewhere: scripts and styles from this server only, images also as data:/blob:.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+       "form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
+MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass
+class Settings:
+    model: str | None = None  # folder, random:PRESET, or None = the shipped model
+    api_keys: tuple[str, ...] = ()
+    max_queue: int = 16
+    max_batch: int = 8
+    batch_wait: float = 0.01
+    device: str | None = None  # the DiT's (and glyph encoder's and VAE's)
+    ar_device: str | None = None
+    dtype: str | None = None
+    offload: bool = False
+    threads: int | str = "auto"
+    url_ttl: float = 3600.0
+    url_cache_bytes: int = 512 * 2**20
+    cors_origins: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass
+class Served:
+    id: str
+    pipe: object  # GlmImagePipeline
+    lanes: int = 1  # DiT shards run at once (CPU cores), see Engine
+
+
+class UrlStore:
+    """Images answered as `url`: kept in memory under an unguessable id until they expire (or the byte budget
+    pushes out the oldest)."""
+
+    def __init__(self, ttl: float, budget: int):
+        self.ttl, self.budget, self.items, self.size = ttl, budget, OrderedDict(), 0
+        self.lock = threading.Lock()
+
+    def put(self, data: bytes, media: str) -> str:
+        token = secrets.token_urlsafe(24)
+        with self.lock:
+            self.items[token] = (data, media, time.monotonic() + self.ttl)
+            self.size += len(data)
+            while self.size > self.budget and self.items:
+                _, (old, _, _) = self.items.popitem(last=False)
+                self.size -= len(old)
+        return token
+
+    def get(self, token: str):
+        with self.lock:
+            item = self.items.get(token)
+            if item is None or item[2] < time.monotonic():
+                if item is not None:
+                    del self.items[token]
+                    self.size -= len(item[0])
+                return None
+            return item[0], item[1]
+
+
+def load_model(settings: Settings) -> Served:
+    """The pipeline on its devices, with thread counts that hold up with both stages busy on one CPU."""
+    import torch
+
+    from ..device import resolve_device, set_threads
+    from ..pipeline import DEFAULT_MODEL, GlmImagePipeline
+
+    threads = set_threads(settings.threads)
+    m = settings.model
+    if m and m.startswith("random:"):
+        pipe = GlmImagePipeline.from_config(m[len("random:"):], seed=0, device=settings.device, dtype=settings.dtype)
+        name = m
+    else:
+        pipe = GlmImagePipeline.from_pretrained(m, device=settings.device, dtype=settings.dtype,
+                                                offload=settings.offload, ar_device=settings.ar_device)
+        name = "glimage-shapes" if m is None else Path(m).resolve().name or "glm-image"
+        if m is not None and Path(m).resolve() == DEFAULT_MODEL.resolve():
+            name = "glimage-shapes"
+    pipe.set_progress_bar_config(disable=True)
+    ar_dev = resolve_device(settings.ar_device) if settings.ar_device else pipe.device
+    lanes = 1
+    if pipe.device.type == "cpu" and ar_dev.type == "cpu":
+        # Both stages on the CPU, busy at once: every worker runs single-threaded (OpenMP threads of one op
+        # stall whenever another worker takes one of their cores: ~2.5x slower measured, see
+        # scripts/bench_threads.py), and one DiT worker per core (`--threads N`: N) takes the batches instead.
+        # Single-threaded workers only share a busy core, they never stall on it: no idle-core snapshot here.
+        torch.set_num_threads(1)
+        lanes = threads if settings.threads != "auto" else len(os.sched_getaffinity(0)) \
+            if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    log.info("model %s on %s; %d DiT lane(s), %d torch thread(s) each", name, pipe.device, lanes,
+             torch.get_num_threads())
+    return Served(name, pipe, lanes)
+
+
+def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
+    """The app; `served` given = that model now (tests), else it loads in the background (503 meanwhile)."""
+    metrics = Metrics()
+    urls = UrlStore(settings.url_ttl, settings.url_cache_bytes)
+    status = {"state": "loading", "error": None}
+    holder: dict = {}
+
+    def ready(s: Served) -> None:
+        engine = Engine(s.pipe, settings.max_queue, settings.max_batch, settings.batch_wait, metrics, s.lanes)
+        engine.start()
+        holder.update(served=s, engine=engine)
+        status["state"] = "ready"
+
+    def load() -> None:
+        try:
+            ready(load_model(settings))
+        except Exception as e:  # noqa: BLE001 - reported by /health and every request
+            log.exception("loading the model failed")
+            status.update(state="failed", error=str(e))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if served is not None:
+            ready(served)
+        else:
+            threading.Thread(target=load, name="glimage-load", daemon=True).start()
+        yield
+        engine = holder.get("engine")
+        if engine is not None:
+            status["state"] = "draining"
+            await asyncio.to_thread(engine.drain, 0.0)  # uvicorn already waited for in-flight requests
+            engine.stop()
+
+    app = FastAPI(title="glimage", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.metrics, app.state.status, app.state.holder = metrics, status, holder
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Guard, max_body=settings.limits.max_body_bytes, metrics=metrics)
+
+    def error(e: ApiError) -> JSONResponse:
+        metrics.reject({400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
+                        415: "unsupported_media_type", 429: "queue_full", 503: "unavailable",
+                        504: "timeout"}.get(e.status, "error"))
+        return JSONResponse(e.body(), e.status, headers=e.headers)
+
+    app.add_exception_handler(ApiError, lambda request, e: error(e))
+    app.add_exception_handler(HTTPException, lambda request, e: error(ApiError(
+        e.status_code, {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on "
+                        f"{request.url.path}"}.get(e.status_code, str(e.detail)), code="not_found")))
+
+    def authorize(request: Request) -> None:
+        if not settings.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        # every key compared, in constant time: neither which key nor how much of it matched leaks
+        if not given or not any([hmac.compare_digest(given.encode(), k.encode()) for k in settings.api_keys]):
+            raise ApiError(401, "missing or incorrect API key: send Authorization: Bearer KEY", None,
+                           "invalid_api_key")
+
+    def engine_or_503() -> tuple[Served, Engine]:
+        if status["state"] != "ready":
+            why = status["error"] or f"the server is {status['state']}"
+            raise ApiError(503, why, None, status["state"], "server_error", {"Retry-After": "5"})
+        return holder["served"], holder["engine"]
+
+    # -- the page and the small routes
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return Response((STATIC / "index.html").read_bytes(), media_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        kinds = {"app.js": "text/javascript", "app.css": "text/css"}
+        if name not in kinds:
+            raise ApiError(404, f"no static file {name!r}", code="not_found")
+        return Response((STATIC / name).read_bytes(), media_type=f"{kinds[name]}; charset=utf-8",
+                        headers={"Content-Security-Policy": CSP})
+
+    @app.get("/health")
+    async def health():
+        body = {"status": status["state"], "version": __version__}
+        if status["state"] == "ready":
+            waiting, admitted = holder["engine"].queue_depth()
+            engine = holder["engine"]
+            body.update(model=holder["served"].id, waiting_images=waiting, requests=admitted,
+                        device=str(engine.pipe.device), dit_lanes=engine.lanes)
+            return body
+        body["error"] = status["error"]
+        return JSONResponse(body, 503, headers={"Retry-After": "5"})
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request):
+        authorize(request)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        s, _ = engine_or_503()
+        return {"object": "list", "data": [model_object(s)]}
+
+    @app.get("/v1/images/files/{name}")
+    async def files(name: str):
+        item = urls.get(name.split(".")[0])
+        if item is None:
+            raise ApiError(404, "no such image: the URL is wrong or has expired", None, "not_found")
+        return Response(item[0], media_type=item[1], headers={"Cache-Control": "private, max-age=3600"})
+
+    # -- the images API
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        authorize(request)
+        s, engine = engine_or_503()
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise ApiError(415, "send the request as application/json", None, "unsupported_media_type")
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
+        spec = await asyncio.to_thread(api.parse, body, "generate", s, settings.limits)
+        return await run(request, spec, s, engine)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        authorize(request)
+        s, engine = engine_or_503()
+        if request.headers.get("content-type", "").split(";")[0].strip() != "multipart/form-data":
+            raise ApiError(415, "send an edit as multipart/form-data (image or image[] files, prompt, ...)", None,
+                           "unsupported_media_type")
+        lim = settings.limits
+        try:
+            form = await request.form(max_files=lim.max_images + 2, max_fields=64, max_part_size=lim.max_body_bytes)
+        except HTTPException as e:
+            raise ApiError(400, f"the multipart body is not readable: {e.detail}", None, "invalid_multipart") from None
+        body, uploads = {}, []
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):  # an uploaded file
+                if key in ("image", "image[]"):
+                    uploads.append((value.filename or key, await value.read()))
+                    continue
+                value = "<file>"
+            elif key in ("image", "image[]"):
+                raise ApiError(400, f"{key} must be an uploaded image file, not a text field", key, "invalid_value")
+            if key in body:
+                raise ApiError(400, f"field {key!r} is given twice", key, "invalid_value")
+            body[key] = api.from_form(key, value)
+        api.precheck(body, "edit")
+        if len(uploads) > lim.max_images:
+            raise ApiError(400, f"{len(uploads)} source images; at most {lim.max_images}", "image", "invalid_value")
+        try:
+            images = await asyncio.to_thread(lambda: [api.read_upload(data, f"image {i} ({name})", lim)
+                                                      for i, (name, data) in enumerate(uploads)])
+        except InputError as e:
+            raise ApiError(400, str(e), "image", "invalid_image") from None
+        spec = await asyncio.to_thread(api.parse, body, "edit", s, lim, images)
+        return await run(request, spec, s, engine)
+
+    async def run(request: Request, spec: Spec, s: Served, engine: Engine):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(spec.prompt, spec.height, spec.width, spec.steps, spec.guidance, spec.seed, spec.n, spec.images,
+                  spec.partial_images, spec.progress, time.monotonic() + settings.limits.timeout,
+                  lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        try:
+            engine.submit(job)
+        except Busy as e:
+            raise ApiError(429, str(e), None, "rate_limit_exceeded", "requests",
+                           {"Retry-After": str(e.retry_after)}) from None
+        except Unavailable as e:
+            raise ApiError(503, str(e), None, "unavailable", "server_error", {"Retry-After": "5"}) from None
+
+        def params(seed: int) -> dict:
+            return {"prompt": spec.prompt, "seed": seed, "height": spec.height, "width": spec.width,
+                    "num_inference_steps": spec.steps, "guidance_scale": spec.guidance, "model": s.id,
+                    "glimage": __version__}
+
+        async def encoded(ev: dict) -> bytes:
+            return await asyncio.to_thread(api.encode, ev["image"], spec, params(spec.seed + ev["index"]))
+
+        if spec.stream:
+            return StreamingResponse(stream(job, events, spec, encoded, engine), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results: dict[int, dict] = {}
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        engine.cancel(job, "disconnected")
+                        metrics.reject("disconnected")
+                        return Response(status_code=499)
+                    continue
+                if ev["event"] == "image":
+                    data = await encoded(ev)
+                    url = None
+                    if spec.response_format == "url":
+                        url = f"{request.base_url}v1/images/files/{urls.put(data, MEDIA[spec.output_format])}." \
+                              f"{spec.output_format}"
+                    results[ev["index"]] = api.image_object(data, spec, url)
+                elif ev["event"] == "error":
+                    raise ApiError(ev["status"], ev["message"], None, ev.get("code"),
+                                   "server_error" if ev["status"] >= 500 else "invalid_request_error")
+                elif ev["event"] == "done":
+                    return api.images_response([results[i] for i in sorted(results)], spec)
+        except asyncio.CancelledError:  # the server stops waiting (shutdown): the engine stops too
+            engine.cancel(job, "shutdown")
+            raise
+
+    return app
+
+
+async def stream(job: Job, events: asyncio.Queue, spec: Spec, encoded, engine: Engine):
+    finished = False
+    try:
+        while True:
+            ev = await events.get()
+            kind = ev["event"]
+            if kind == "partial":
+                yield api.stream_event("partial_image", await encoded(ev), spec, ev["index"], ev["partial_index"])
+            elif kind == "image":
+                yield api.stream_event("completed", await encoded(ev), spec, ev["index"])
+            elif kind == "progress":
+                yield api.sse("glimage.progress", {"type": "glimage.progress", "image_index": ev["index"],
+                                                   "step": ev["step"], "steps": ev["steps"]})
+            elif kind == "error":
+                finished = True
+                kind = "server_error" if ev["status"] >= 500 else "invalid_request_error"
+                yield api.sse("error", {"type": "error", "error": {"message": ev["message"], "type": kind,
+                                                                   "param": None, "code": ev.get("code")}})
+                return
+            elif kind == "done":
+                finished = True
+                return
+    finally:
+        if not finished:  # the client went away (or the server stops): stop the work at the next step
+            engine.cancel(job, "disconnected")
+
+
+def model_object(s: Served) -> dict:
+    pipe = s.pipe
+    h, w = pipe.default_size()
+    lo, hi = pipe.ar.cfg.size_range
+    d = pipe.defaults
+    return {"id": s.id, "object": "model", "created": 0, "owned_by": "glimage",
+            "glimage": {"default_size": f"{w}x{h}", "num_inference_steps": d.get("num_inference_steps", 50),
+                        "guidance_scale": d.get("guidance_scale", 1.5), "size_step": pipe.ar.cfg.grid_factor,
+                        "min_side": lo, "max_side": hi}}
+
+
+class Guard:
+    """Pure ASGI middleware: refuses bodies over `max_body` (413, also when the length is not announced), counts
+    answers by endpoint and status, and marks every answer nosniff."""
+
+    def __init__(self, app, max_body: int, metrics: Metrics):
+        self.app, self.max_body, self.metrics = app, max_body, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await self._too_large(scope, send)
+        seen = 0
+        status = {}
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:  # a body longer than announced, or chunked: answered by the ApiError handler
+                    raise ApiError(413, f"the request body is larger than {self.max_body / 2**20:.0f} MiB", None,
+                                   "request_too_large")
+            return message
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, limited, counted)
+        path = scope["path"] if scope["path"].startswith(("/v1/images/generations", "/v1/images/edits")) else "other"
+        self.metrics.requests.labels(path, str(status.get("code", 0))).inc()
+
+    async def _too_large(self, scope, send):
+        self.metrics.reject("too_large")
+        e = ApiError(413, f"the request body is larger than {self.max_body / 2**20:.0f} MiB", None, "request_too_large")
+        await JSONResponse(e.body(), 413)(scope, None, send)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
