@@ -94,6 +94,8 @@ CASES = {
                              400, "9 source images"),
     "edit image as text": (EDIT, dict(files={"prompt": (None, "x"), "image": (None, "http://x/a.png")}), 400,
                            "uploaded image file"),
+    "edit image unusable": (EDIT, dict(files={"prompt": (None, "x"), "image": ("a.png", png((8, 200)))}), 422,
+                            "too small"),
     "edit n not a number": (EDIT, dict(data={"prompt": "x", "n": "many"}, files={"image": ("a.png", png())}), 400,
                             "n='many'"),
     "body too large": (GEN, dict(json={"prompt": "x" * (3 * 2**20)}), 413, "larger than 2 MiB"),
@@ -150,6 +152,17 @@ def test_generate_answers_and_parameters(client, pipe):
     url = r.json()["data"][0]["url"]
     got = client.get(url.replace("http://testserver", ""))
     assert got.status_code == 200 and got.headers["content-type"] == "image/webp"
+
+
+def test_url_answers_expire(pipe):
+    with TestClient(create_app(Settings(url_ttl=0.3), Served("m", pipe))) as c:
+        url = c.post(GEN, json={"prompt": "a red circle", "response_format": "url", **FAST}).json()["data"][0]["url"]
+        path = url.replace("http://testserver", "")
+        assert c.get(path).status_code == 200
+        assert len(path.rsplit("/", 1)[1].split(".")[0]) >= 32  # unguessable: 24 random bytes
+        time.sleep(0.4)
+        r = c.get(path)
+        assert r.status_code == 404 and "expired" in r.json()["error"]["message"]
 
 
 def test_edit_with_two_sources(client):

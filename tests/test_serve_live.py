@@ -181,6 +181,26 @@ def test_sigterm_drains_a_running_request():
     assert result["r"].status_code == 200 and result["r"].json()["data"][0]["b64_json"]
 
 
+def test_a_client_that_goes_away_is_dropped(server):
+    """A stream closed after its first event: the server stops that request (nothing left admitted soon after),
+    long before its 2000 steps would end."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server}/v1/images/generations", headers=headers, timeout=60,
+                      json={"prompt": "a red circle", "stream": True, "progress_events": True,
+                            "num_inference_steps": 2000}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # closing the response drops the connection
+    for _ in range(100):
+        if httpx.get(f"{server}/health").json()["requests"] == 0:
+            break
+        time.sleep(0.05)
+    assert httpx.get(f"{server}/health").json()["requests"] == 0
+    r = httpx.post(f"{server}/v1/images/generations", headers=headers, timeout=60,
+                   json={"prompt": "a red circle", **FAST})
+    assert r.status_code == 200  # and the server serves on
+
+
 def test_non_loopback_without_a_key_refuses_to_start():
     r = subprocess.run([sys.executable, "-m", "glimage.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
                        capture_output=True, text=True, timeout=60)

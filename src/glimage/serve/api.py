@@ -170,7 +170,12 @@ def _parse(body: dict, kind: str, model, limits: Limits, images: list) -> Spec:
     height, width = _size(body.get("size"), pipe, images)
     cfg = pipe.ar.cfg
     check_target_size(height, width, cfg, text_to_image=not images)
-    grids = [_source_grid(im, cfg) for im in images]
+    grids = []
+    for i, im in enumerate(images):
+        try:
+            grids.append(_source_grid(im, cfg))
+        except InputError as e:  # a readable image this model cannot use (too small, too elongated)
+            raise ApiError(422, f"image {i}: {e}", "image", "unusable_image") from None
     batch = build_prompts([prompt], height, width, pipe.tokenizer, cfg, [grids] if grids else None)  # fits the context?
     image_tokens = sum(h * w for h, w in grids)
     generated = sum(h * w for h, w in batch.grids)
