@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .validate import InputError, check_dataclass
 
@@ -181,11 +182,24 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | os.PathLi
     write_json(folder / f"{name}.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
+class _NoInit(TorchFunctionMode):
+    """In-place initialisers (normal_, kaiming_uniform_, zero_ ...) of meta tensors return at once: there is
+    nothing to fill, and torch._refs' meta normal_ imports torch._dynamo (~1 s of every CLI run)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
+        if name.endswith("_") and not name.startswith("_") and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
 def build_on_meta(factory: Callable[[], nn.Module], what: str = "model") -> nn.Module:
     """The module on the meta device (no memory, no init). A config that passed its checks but describes
     no buildable module (a zero or negative width) is reported as the folder's fault."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _NoInit():
             return factory()
     except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as e:
         if isinstance(e, InputError):

@@ -271,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--out", default=None, help="write samples.png, table.md, results.jsonl here")
     _device_args(es)
     es.set_defaults(fn=_eval_shapes)
+    from .bench import add_parser as add_bench_parser
     from .serve import add_parser as add_serve_parser
     add_serve_parser(sub)
+    add_bench_parser(sub)
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("shapes", help="synthetic captioned shapes dataset (folder with metadata.jsonl)",

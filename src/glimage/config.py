@@ -217,6 +217,21 @@ class GlmImageConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
+def replace(cfg, **changes):
+    """dataclasses.replace that also reaches into nested configs: replace(cfg, **{"ar.text.hidden_size": 8})."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **flat)
+
+
 TINY = GlmImageConfig(
     ar=ARConfig(
         text=TextConfig(vision_vocab_size=16384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -255,31 +270,25 @@ SHAPES = GlmImageConfig(
     vae=VAEConfig(latent_channels=8, block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8),
 )
 
+# A middle size for CPU benchmarks (`glimage bench --preset mid`, 256x256): the tiny structure with a 4 x 512
+# AR and a 4 x 512 DiT, where the math, not Python, starts to dominate.
+MID = replace(TINY, **{"ar.text.hidden_size": 512, "ar.text.intermediate_size": 1376, "ar.text.num_hidden_layers": 4,
+                       "ar.text.num_attention_heads": 8, "ar.text.num_key_value_heads": 2,
+                       "ar.text.mrope_section": (4, 6, 6), "dit.num_layers": 4, "dit.attention_head_dim": 64,
+                       "dit.num_attention_heads": 8, "dit.time_embed_dim": 64, "dit.condition_dim": 32,
+                       "vae.block_out_channels": (32, 64, 128, 128), "vae.norm_num_groups": 8})
+
 OFFICIAL_SIZE_RANGE = (512, 2048)  # Zhipu's supported sides for the published model
 
 PRESETS: dict[str, GlmImageConfig] = {
     "glm-image": GlmImageConfig(ar=ARConfig(min_size=OFFICIAL_SIZE_RANGE[0], max_size=OFFICIAL_SIZE_RANGE[1])),
     "tiny": TINY,
+    "mid": MID,
     "shapes": SHAPES,
 }
 
 
 def get_preset(name: str) -> GlmImageConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; available: {sorted(PRESETS)}", "preset")
     return PRESETS[name]
-
-
-def replace(cfg, **changes):
-    """dataclasses.replace that also reaches into nested configs: replace(cfg, **{"ar.text.hidden_size": 8})."""
-    nested: dict[str, dict] = {}
-    flat = {}
-    for key, value in changes.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            flat[key] = value
-    for head, sub in nested.items():
-        flat[head] = replace(getattr(cfg, head), **sub)
-    return dataclasses.replace(cfg, **flat)

@@ -35,6 +35,7 @@ from .models.glyph import GlyphEncoder
 from .models.vae import AutoencoderKL
 from .prior import Prior, normalize_images, run_prior
 from .prompt import GlmTokenizer, target_grids
+from .timing import NO_TIMER
 from .validate import (
     MAX_GUIDANCE,
     MAX_IMAGES,
@@ -111,10 +112,27 @@ def vae_input(image: Image.Image, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1
 
 
+def column_major_linears(module: torch.nn.Module) -> torch.nn.Module:
+    """Store each Linear's weight (out, in) column-major, i.e. as the transpose of a contiguous (in, out)
+    tensor: same values, names and shapes (save_pretrained writes it back contiguous), but F.linear then
+    hands MKL the layout whose matrix-vector product streams memory ~1.7x faster on a CPU (the AR decode
+    reads every weight once per token: 1.99 -> 1.39 s at preset `mid`, the same tokens; prefill-sized
+    products are unaffected)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.is_contiguous():
+            m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=m.weight.requires_grad)
+    return module
+
+
 class GlmImagePipeline:
     def __init__(self, ar: GlmImageAR, tokenizer: GlmTokenizer, glyph_encoder: GlyphEncoder, dit: GlmImageDiT,
                  vae: AutoencoderKL, scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype):
         self.ar, self.tokenizer, self.glyph_encoder, self.dit, self.vae = ar, tokenizer, glyph_encoder, dit, vae
+        if device.type == "cpu" and ar.lm_head.weight.device.type == "cpu":  # not for offload to an accelerator
+            column_major_linears(ar.language_model)
+            column_major_linears(ar.lm_head)
+            # oneDNN's convolutions run ~1.2x faster channels-last (decoded pixels within 3e-5 of NCHW)
+            vae.to(memory_format=torch.channels_last)
         self.scheduler = scheduler
         self.device, self.dtype = device, dtype
         self.progress = True
@@ -250,10 +268,10 @@ class GlmImagePipeline:
         prompts = check_prompts(prompt)
         return self._prior(prompts, height, width, normalize_images(image, len(prompts)), generator, seed).ids
 
-    def _prior(self, prompts, height, width, images, generator, seed) -> Prior:
+    def _prior(self, prompts, height, width, images, generator, seed, timer=NO_TIMER) -> Prior:
         with self._on_device(self.ar) as ar:
             g = seed_generator(generator, seed, self.ar_device)
-            return run_prior(ar, self.tokenizer, prompts, height, width, images, g, self.progress)
+            return run_prior(ar, self.tokenizer, prompts, height, width, images, g, self.progress, timer)
 
     def _given_prior(self, ids: torch.Tensor, n_prompts: int, height: int, width: int, images) -> Prior:
         if images:
@@ -297,7 +315,8 @@ class GlmImagePipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None, generator=None,
                  seed: int | None = None,
                  num_images_per_prompt: int = 1, latents: torch.Tensor | None = None, output_type: str = "pil",
-                 callback_on_step_end=None, prior_token_ids: torch.Tensor | None = None) -> GlmImageOutput:
+                 callback_on_step_end=None, prior_token_ids: torch.Tensor | None = None,
+                 timer=NO_TIMER) -> GlmImageOutput:
         """Images for `prompt` (a string or a list: a batch), with diffusers' argument names and meanings.
 
         num_images_per_prompt: as in the reference, the images of one prompt share one AR draw (the prior
@@ -305,7 +324,8 @@ class GlmImagePipeline:
         `glimage generate --num-images` does. seed / generator: the AR sampler's and the noise's seed; neither
         given = fresh entropy. prior_token_ids: (B, 4 * H/32 * W/32) ids as `generate_prior_tokens` returns
         them (one per DiT patch); given, the AR does not run (text-to-image only) -- e.g. to draw several
-        decoder samples of one AR draw. Bad arguments raise glimage.validate.InputError (a ValueError)
+        decoder samples of one AR draw. timer: a glimage.timing.Timer collects each stage's seconds (`glimage
+        bench`). Bad arguments raise glimage.validate.InputError (a ValueError)
         naming the value and the allowed range, before any work is done."""
         prompts = check_prompts(prompt)
         if generator is not None and seed is not None:
@@ -337,13 +357,16 @@ class GlmImagePipeline:
                       seed=seed if seed is not None else _initial_seed(generator), height=height, width=width,
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
 
-        if prior_token_ids is None:
-            prior = self._prior(prompts, height, width, images, generator, None)
-        else:
-            prior = self._given_prior(prior_token_ids, len(prompts), height, width, images)
+        with timer("ar"):
+            if prior_token_ids is None:
+                prior = self._prior(prompts, height, width, images, generator, None, timer)
+            else:
+                prior = self._given_prior(prior_token_ids, len(prompts), height, width, images)
         B = len(prompts) * num_images_per_prompt
-        glyph, neg = self.encode_text(prompts, guidance_scale > 1, num_images_per_prompt)
-        kv = self._reference_kv(images, prior, num_images_per_prompt) if images else None
+        with timer("text"):
+            glyph, neg = self.encode_text(prompts, guidance_scale > 1, num_images_per_prompt)
+        with timer("refs"):
+            kv = self._reference_kv(images, prior, num_images_per_prompt) if images else None
         shape = (B, *self.latent_shape(height, width))
         if latents is None:
             # diffusers' randn_tensor: drawn on the generator's device, then moved
@@ -354,11 +377,13 @@ class GlmImagePipeline:
         if callback_on_step_end is not None:
             def on_step(i, sigma, sigma_next, latents, v):
                 return callback_on_step_end(self, i, sigma, {"latents": latents}) or {}
-        latents = self.denoise(latents, glyph, neg, prior.ids.repeat_interleave(num_images_per_prompt, 0), height,
-                               width, num_inference_steps, guidance_scale, kv, on_step)
+        with timer("dit"):
+            latents = self.denoise(latents, glyph, neg, prior.ids.repeat_interleave(num_images_per_prompt, 0),
+                                   height, width, num_inference_steps, guidance_scale, kv, on_step)
         if output_type == "latent":
             return GlmImageOutput(latents, prior.ids, params)
-        pixels = self.decode_latents(latents)
+        with timer("vae"):
+            pixels = self.decode_latents(latents)
         if output_type == "np":
             return GlmImageOutput((pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy(), prior.ids,
                                   params)
@@ -426,7 +451,10 @@ class GlmImagePipeline:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents -> pixels (B, 3, H, W) in [-1, 1]."""
         with self._on_device(self.vae) as vae:
-            return vae.decode(vae.denormalize_latents(latents.to(self.device, self.dtype)))
+            z = vae.denormalize_latents(latents.to(self.device, self.dtype))
+            if vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+                z = z.contiguous(memory_format=torch.channels_last)
+            return vae.decode(z).contiguous()
 
     @torch.no_grad()
     def preview(self, latents: torch.Tensor, v: torch.Tensor, sigma) -> list[Image.Image]:

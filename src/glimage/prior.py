@@ -10,6 +10,7 @@ from .image import preprocess_source
 from .models.ar import GlmImageAR
 from .prompt import GlmTokenizer, build_prompts
 from .sampling import generate_grid_tokens
+from .timing import NO_TIMER
 from .validate import InputError, check_target_size
 
 
@@ -67,10 +68,12 @@ def tokenize_sources(model: GlmImageAR, images: list[list]) -> list[list[torch.T
 
 
 def run_prior(model: GlmImageAR, tok: GlmTokenizer, prompts: list[str], height: int, width: int,
-              images: list[list] | None, generator: torch.Generator, progress: bool = True) -> Prior:
+              images: list[list] | None, generator: torch.Generator, progress: bool = True,
+              timer=NO_TIMER) -> Prior:
     cfg = model.cfg
     check_target_size(height, width, cfg, text_to_image=not images)
-    src = tokenize_sources(model, images) if images else None
+    with timer("ar_vit"):
+        src = tokenize_sources(model, images) if images else None
     grids = [[tuple(g.shape) for g in row] for row in src] if src else None
     batch = build_prompts(prompts, height, width, tok, cfg, grids)
     if src:
@@ -79,7 +82,7 @@ def run_prior(model: GlmImageAR, tok: GlmTokenizer, prompts: list[str], height: 
         if int(slots.sum()) != flat.numel():
             raise InputError(f"prompt has {int(slots.sum())} image slots for {flat.numel()} image tokens")
         batch.input_ids = batch.input_ids.masked_scatter(slots, flat)
-    tokens = generate_grid_tokens(model, batch, cfg.temperature, cfg.top_k, cfg.top_p, generator, progress)
+    tokens = generate_grid_tokens(model, batch, cfg.temperature, cfg.top_k, cfg.top_p, generator, progress, timer)
     th, tw = batch.large_grid
     large = tokens[:, batch.large_offset: batch.large_offset + th * tw]
     src_up = [[upsample_ids(g.reshape(1, -1), *g.shape)[0] for g in row] for row in src] if src else None

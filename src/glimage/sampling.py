@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .prompt import PromptBatch
+from .timing import NO_TIMER
 from .validate import InputError
 
 
@@ -73,7 +74,7 @@ def prefill_mask(attention_mask: torch.Tensor, total: int) -> torch.Tensor | Non
 @torch.no_grad()
 def generate_grid_tokens(model, batch: PromptBatch, temperature: float, top_k: int, top_p: float,
                          generator: torch.Generator | list[torch.Generator] | None = None,
-                         progress: bool = True) -> torch.Tensor:
+                         progress: bool = True, timer=NO_TIMER) -> torch.Tensor:
     """Prefill the prompt, then sample every grid token. Returns (B, n_grid) ids, generation order."""
     check_sampling(temperature, top_k, top_p)
     device = model.lm_head.weight.device
@@ -89,13 +90,15 @@ def generate_grid_tokens(model, batch: PromptBatch, temperature: float, top_k: i
     decode_pos = batch.decode_position_ids.to(device).permute(1, 0, 2)  # (3, B, n_new)
     out = torch.empty(B, n_grid, dtype=torch.long, device=device)
 
-    logits = model(ids, batch.position_ids.to(device), prefill_mask(batch.attention_mask.to(device), L), cache, 0,
-                   last_only=True)
-    for step in tqdm(range(n_grid), desc="AR tokens", disable=not progress, leave=False):
-        tok = sample(logits[:, -1], temperature, top_k, top_p, n_valid, generator)
-        out[:, step] = tok
-        if step == n_grid - 1:
-            break
-        mask = key_valid[:, None, None, : L + step + 1] if padded else None
-        logits = model(tok[:, None], decode_pos[:, :, step: step + 1], mask, cache, L + step, last_only=True)
+    with timer("ar_prefill"):
+        logits = model(ids, batch.position_ids.to(device), prefill_mask(batch.attention_mask.to(device), L), cache,
+                       0, last_only=True)
+    with timer("ar_decode"):
+        for step in tqdm(range(n_grid), desc="AR tokens", disable=not progress, leave=False):
+            tok = sample(logits[:, -1], temperature, top_k, top_p, n_valid, generator)
+            out[:, step] = tok
+            if step == n_grid - 1:
+                break
+            mask = key_valid[:, None, None, : L + step + 1] if padded else None
+            logits = model(tok[:, None], decode_pos[:, :, step: step + 1], mask, cache, L + step, last_only=True)
     return out
