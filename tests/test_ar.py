@@ -194,3 +194,19 @@ def test_sharded_checkpoint_loads(tmp_path):
 def test_pipeline_rejects_non_folder(tmp_path):
     with pytest.raises(ValueError, match="not a GLM-Image folder"):
         GlmImagePipeline.from_pretrained(tmp_path)
+
+
+def test_static_shape_decode_draws_the_eager_tokens():
+    """The static-shape step (the whole cache, a mask, the position as a device tensor: what torch.compile and
+    CUDA graphs need) draws exactly the eager loop's tokens, left padding included."""
+    from glimage.prompt import GlmTokenizer, build_prompts
+    from glimage.sampling import static_step
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(0)
+    model = GlmImageAR(cfg.ar).eval()
+    batch = build_prompts(["a red circle", 'a much longer prompt with a sign that says "HI"'], 64, 96,
+                          GlmTokenizer.byte_level(cfg.ar), cfg.ar)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+    eager = generate_grid_tokens(model, batch, 0.9, 50, 0.75, gens(), progress=False)
+    static = generate_grid_tokens(model, batch, 0.9, 50, 0.75, gens(), progress=False, step=static_step)
+    assert torch.equal(eager, static)

@@ -68,6 +68,8 @@ def _generate(args) -> int:
     else:
         pipe = GlmImagePipeline.from_pretrained(folder, device=args.device, dtype=args.dtype, offload=args.offload)
     pipe.set_progress_bar_config(disable=args.quiet)
+    if args.compile:
+        pipe.enable_compile()
     load_s = time.perf_counter() - t0
     if args.seed is None and not args.quiet:
         print(f"seed {seed} (pass --seed {seed} to draw {'these' if n > 1 else 'this'} again)", file=sys.stderr)
@@ -247,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1, help=f"independent draws (AR included), 1-{MAX_CLI_IMAGES}")
     _device_args(g)
     g.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each stage to the GPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks "
+                   "(CUDA: the decode as a CUDA graph); pays off over many images or large models")
     g.add_argument("-q", "--quiet", action="store_true")
     g.set_defaults(fn=_generate)
     i = sub.add_parser("info", help="a model folder (default: the shipped model) or an image's generation "

@@ -71,11 +71,24 @@ def prefill_mask(attention_mask: torch.Tensor, total: int) -> torch.Tensor | Non
     return ((causal & keys[:, None, :]) | eye)[:, None]
 
 
+def static_step(model, tok: torch.Tensor, position_ids: torch.Tensor, key_valid: torch.Tensor, cache,
+                pos: torch.Tensor) -> torch.Tensor:
+    """One decode step with the same shapes at every position (what torch.compile and CUDA graphs need): the
+    token's K/V go into the cache at device position `pos`, attention runs over the whole cache with the
+    slots after `pos` (and left padding) masked. tok (B,), position_ids (3, B, 1) -> logits (B, 1, V)."""
+    slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+    mask = (key_valid & (slots <= pos))[:, None, None, :]  # (B, 1, 1, S)
+    return model(tok[:, None], position_ids, mask, cache, pos, last_only=True)
+
+
 @torch.no_grad()
 def generate_grid_tokens(model, batch: PromptBatch, temperature: float, top_k: int, top_p: float,
                          generator: torch.Generator | list[torch.Generator] | None = None,
-                         progress: bool = True, timer=NO_TIMER) -> torch.Tensor:
-    """Prefill the prompt, then sample every grid token. Returns (B, n_grid) ids, generation order."""
+                         progress: bool = True, timer=NO_TIMER, step=None) -> torch.Tensor:
+    """Prefill the prompt, then sample every grid token. Returns (B, n_grid) ids, generation order.
+
+    step: None = the eager loop (the cache read up to the current length); else a function like static_step
+    (or its torch.compile) that decodes one token with static shapes; the draws are the same."""
     check_sampling(temperature, top_k, top_p)
     device = model.lm_head.weight.device
     ids = batch.input_ids.to(device)
@@ -93,12 +106,16 @@ def generate_grid_tokens(model, batch: PromptBatch, temperature: float, top_k: i
     with timer("ar_prefill"):
         logits = model(ids, batch.position_ids.to(device), prefill_mask(batch.attention_mask.to(device), L), cache,
                        0, last_only=True)
+    positions = torch.arange(L, L + n_grid, device=device)  # a 0-dim view per step: no host-to-device copy
     with timer("ar_decode"):
-        for step in tqdm(range(n_grid), desc="AR tokens", disable=not progress, leave=False):
+        for i in tqdm(range(n_grid), desc="AR tokens", disable=not progress, leave=False):
             tok = sample(logits[:, -1], temperature, top_k, top_p, n_valid, generator)
-            out[:, step] = tok
-            if step == n_grid - 1:
+            out[:, i] = tok
+            if i == n_grid - 1:
                 break
-            mask = key_valid[:, None, None, : L + step + 1] if padded else None
-            logits = model(tok[:, None], decode_pos[:, :, step: step + 1], mask, cache, L + step, last_only=True)
+            if step is not None:
+                logits = step(model, tok, decode_pos[:, :, i: i + 1], key_valid, cache, positions[i])
+                continue
+            mask = key_valid[:, None, None, : L + i + 1] if padded else None
+            logits = model(tok[:, None], decode_pos[:, :, i: i + 1], mask, cache, L + i, last_only=True)
     return out

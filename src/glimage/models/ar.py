@@ -65,8 +65,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, K, L, hd) at [pos, pos+L) and return the filled prefix (B, K, pos+L, hd)."""
+    def update(self, layer: int, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, K, L, hd) at [pos, pos+L) and return the filled prefix (B, K, pos+L, hd). With pos a
+        0-dim device tensor (the static-shape decode step: one token) return the whole cache (B, K, S, hd),
+        so that every step has the same shapes; the caller's mask hides the slots not yet written."""
+        if isinstance(pos, torch.Tensor):
+            self.k[layer].index_copy_(2, pos.view(1), k)
+            self.v[layer].index_copy_(2, pos.view(1), v)
+            return self.k[layer], self.v[layer]
         end = pos + k.shape[2]
         self.k[layer, :, :, pos:end] = k
         self.v[layer, :, :, pos:end] = v
@@ -91,7 +97,7 @@ class Attention(nn.Module):
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, pos, k, v)  # (B, K, S, hd)
-        if mask is None and L > 1 and pos > 0:  # several new tokens after a cached prefix: causal, offset by pos
+        if mask is None and L > 1 and isinstance(pos, int) and pos > 0:  # new tokens after a cached prefix: causal
             mask = torch.ones(L, pos + L, dtype=torch.bool, device=x.device).tril(pos)
         # GQA without materialising the repeated K/V (16x the cache traffic for 32 heads over 2 KV heads)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,

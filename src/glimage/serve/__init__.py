@@ -53,7 +53,7 @@ def main(args) -> int:
     settings = Settings(model=args.model, api_keys=keys, max_queue=args.max_queue, max_batch=args.max_batch,
                         batch_wait=args.batch_wait_ms / 1000, device=args.dit_device or args.device,
                         ar_device=args.ar_device, dtype=args.dtype, offload=args.offload, threads=args.threads,
-                        url_ttl=args.url_ttl, cors_origins=tuple(args.cors_origin or ()),
+                        url_ttl=args.url_ttl, compile=args.compile, cors_origins=tuple(args.cors_origin or ()),
                         limits=Limits(max_n=args.max_n, max_body_bytes=int(args.max_body_mb * 2**20),
                                       timeout=args.timeout))
     if settings.device:
@@ -102,5 +102,6 @@ def add_parser(sub) -> None:
     s.add_argument("--dit-device", default=None, help="device of the DiT stage (default: --device)")
     _device_args(s)
     s.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each stage to the GPU")
+    s.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(fn=main)

@@ -53,6 +53,7 @@ class Settings:
     ar_device: str | None = None
     dtype: str | None = None
     offload: bool = False
+    compile: bool = False
     threads: int | str = "auto"
     url_ttl: float = 3600.0
     url_cache_bytes: int = 512 * 2**20
@@ -115,6 +116,8 @@ def load_model(settings: Settings) -> Served:
         if m is not None and Path(m).resolve() == DEFAULT_MODEL.resolve():
             name = "glimage-shapes"
     pipe.set_progress_bar_config(disable=True)
+    if settings.compile:
+        pipe.enable_compile()
     ar_dev = resolve_device(settings.ar_device) if settings.ar_device else pipe.device
     lanes = 1
     if pipe.device.type == "cpu" and ar_dev.type == "cpu":
