@@ -149,7 +149,8 @@ class Reference:
 
 
 def bench(model: str | None, preset: str | None, wl: Workload, runs: int = 3, device=None, dtype=None,
-          compare_reference: bool = False, given_bandwidth: float | None = None, compile: bool = False) -> dict:
+          compare_reference: bool = False, given_bandwidth: float | None = None, compile: bool = False,
+          fast: dict | None = None) -> dict:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cuda":
@@ -165,6 +166,7 @@ def bench(model: str | None, preset: str | None, wl: Workload, runs: int = 3, de
     pipe, load_s = load(model, preset, dev, dt)
     if compile:
         pipe.enable_compile()  # compiled during the warm-up run, which is not timed
+    pipe.enable_fast(**(fast or {}))
     ref = Reference(Path(model), dev, dt) if compare_reference else None
     run_ours(pipe, wl)  # warm-up (allocations, kernel choice)
     if ref:
@@ -184,7 +186,7 @@ def bench(model: str | None, preset: str | None, wl: Workload, runs: int = 3, de
     row.update(load_s=load_s, peak_memory_gb=peak_memory_bytes(dev) / 1e9,
                roofline_fraction=(per_token_bytes * n_new / decode) / bw if decode else None,
                bandwidth_gbs=bw / 1e9)
-    result = {"workload": asdict(wl), "model": label, "device": str(dev), "compiled": compile,
+    result = {"workload": asdict(wl), "model": label, "device": str(dev), "compiled": compile, "fast": pipe.fast,
               "dtype": str(dt).removeprefix("torch."), "runs": runs, "ours": row}
     if ref:
         result["reference"] = dict(summarize(theirs, wl, n_new), load_s=ref.load_s)
@@ -205,7 +207,8 @@ def summarize(runs: list[dict], wl: Workload, n_new: int) -> dict:
 
 def format_table(result: dict) -> str:
     wl = result["workload"]
-    head = (f"{result['model']}{' (compiled)' if result.get('compiled') else ''} on {result['device']} ({result['dtype']}), {wl['width']}x{wl['height']}, {wl['steps']} "
+    mode = ", ".join([*(["compiled"] if result.get("compiled") else []), *(f"{k}={v}" for k, v in result["fast"].items())])
+    head = (f"{result['model']}{f' ({mode})' if mode else ''} on {result['device']} ({result['dtype']}), {wl['width']}x{wl['height']}, {wl['steps']} "
             f"steps, CFG {wl['guidance']}, batch {wl['batch']}{', image-to-image' if wl['i2i'] else ''}; median of "
             f"{result['runs']} runs")
     rows = [("load", "load_s", "s"), ("AR prefill", "ar_prefill_s", "s"), ("AR decode", "ar_decode_s", "s"),
@@ -252,7 +255,7 @@ def main(args) -> int:
     wl = Workload(int(m.group(2)) if m else 1024, int(m.group(1)) if m else 1024, args.steps, args.guidance,
                   args.batch, args.i2i)
     result = bench(args.model, args.preset, wl, args.runs, args.device, args.dtype, args.compare_reference,
-                   args.bandwidth, args.compile)
+                   args.bandwidth, args.compile, {"step_cache": args.step_cache, "ar_int8": args.ar_int8})
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -275,6 +278,8 @@ def add_parser(sub) -> None:
     b.add_argument("--bandwidth", type=float, default=None, help="device memory bandwidth in GB/s for the roofline "
                    "(default: CUDA's spec, or a measured copy on the CPU)")
     b.add_argument("--compile", action="store_true", help="time the compiled path (GlmImagePipeline.enable_compile)")
+    from .cli import _fast_args
+    _fast_args(b)
     b.add_argument("--json", default=None, help="also write the results here")
     _device_args(b)
     b.set_defaults(fn=main)

@@ -139,6 +139,7 @@ class GlmImagePipeline:
         self.offload = False  # components live on the CPU and visit the accelerator only while they run
         self.defaults: dict = {}  # a folder's glimage.json: height, width, num_inference_steps, guidance_scale
         self.decode_step = None  # None: the eager AR decode; enable_compile() sets a compiled static-shape step
+        self.fast: dict = {}  # opt-in fast modes in effect (enable_fast): not the exact path
 
     # -- construction
 
@@ -201,6 +202,9 @@ class GlmImagePipeline:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the official layout (loads in diffusers' GlmImagePipeline and in ours)."""
+        if self.fast.get("ar_int8"):
+            raise InputError("this pipeline's AR weights are int8 (enable_fast(ar_int8=True)): reload the folder "
+                             "to save the exact weights", "ar_int8")
         path = Path(path)
         save_ar(self.ar, path)
         self.tokenizer.save(path / "processor")
@@ -233,6 +237,17 @@ class GlmImagePipeline:
         if dit:
             for block in self.dit.transformer_blocks:
                 block.compile()  # in place: the state dict keeps its names
+
+    def enable_fast(self, step_cache: float | None = None, ar_int8: bool = False) -> None:
+        """Opt-in fast modes (glimage.fast), each at a measured cost in the image (README): step_cache = the
+        DiT step cache's threshold (0.05-0.3; higher skips more), ar_int8 = weight-only int8 AR weights."""
+        from .fast import Int8Linear, StepCache, quantize_int8
+        self.fast.update({k: v for k, v in (("step_cache", step_cache), ("ar_int8", ar_int8)) if v})
+        if step_cache:
+            StepCache(self.dit, check_float("step_cache", step_cache, 0, 10, lo_open=True)).install()
+        if ar_int8:
+            quantize_int8(self.ar.language_model)
+            self.ar.lm_head = Int8Linear(self.ar.lm_head)
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable

@@ -376,14 +376,18 @@ class GlmImageDiT(nn.Module):
             key_mask = torch.cat([keep.new_ones(b, n_ref), keep, keep.new_ones(b, gh * gw)], dim=1)
             key_mask = key_mask[:, None, None, :]  # (B, 1, 1, S+T+N)
 
-        s = torch.cat([e, x], dim=1)  # (B, T+N, D)
-        for block, ref in zip(self.transformer_blocks, refs):
-            s, _, _ = block(s, n_text, temb, rope, ref, key_mask)
+        s = self.run_blocks(torch.cat([e, x], dim=1), n_text, temb, rope, refs, key_mask)  # (B, T+N, D)
         x = self.proj_out(self.norm_out(s[:, n_text:], temb))  # (B, N, p*p*C_out)
 
         p = self.cfg.patch_size
         x = x.reshape(b, gh, gw, -1, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, gh, p, gw, p)
         return x.flatten(4, 5).flatten(2, 3)
+
+    def run_blocks(self, s: torch.Tensor, n_text: int, temb, rope, refs, key_mask) -> torch.Tensor:
+        """The stream (B, T+N, D) through every block (a step cache replaces this from outside: glimage.fast)."""
+        for block, ref in zip(self.transformer_blocks, refs):
+            s, _, _ = block(s, n_text, temb, rope, ref, key_mask)
+        return s
 
     def encode_reference(self, latents: torch.Tensor, prior_token_id: torch.Tensor, target_size: torch.Tensor,
                          crop_coords: torch.Tensor | None = None) -> RefKV:

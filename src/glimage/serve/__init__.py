@@ -53,7 +53,8 @@ def main(args) -> int:
     settings = Settings(model=args.model, api_keys=keys, max_queue=args.max_queue, max_batch=args.max_batch,
                         batch_wait=args.batch_wait_ms / 1000, device=args.dit_device or args.device,
                         ar_device=args.ar_device, dtype=args.dtype, offload=args.offload, threads=args.threads,
-                        url_ttl=args.url_ttl, compile=args.compile, cors_origins=tuple(args.cors_origin or ()),
+                        url_ttl=args.url_ttl, compile=args.compile,
+                        fast={"step_cache": args.step_cache, "ar_int8": args.ar_int8}, cors_origins=tuple(args.cors_origin or ()),
                         limits=Limits(max_n=args.max_n, max_body_bytes=int(args.max_body_mb * 2**20),
                                       timeout=args.timeout))
     if settings.device:
@@ -103,5 +104,7 @@ def add_parser(sub) -> None:
     _device_args(s)
     s.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each stage to the GPU")
     s.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks")
+    from ..cli import _fast_args
+    _fast_args(s)
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(fn=main)

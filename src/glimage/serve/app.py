@@ -54,6 +54,7 @@ class Settings:
     dtype: str | None = None
     offload: bool = False
     compile: bool = False
+    fast: dict = field(default_factory=dict)  # opt-in fast modes: GlmImagePipeline.enable_fast's arguments
     threads: int | str = "auto"
     url_ttl: float = 3600.0
     url_cache_bytes: int = 512 * 2**20
@@ -118,6 +119,7 @@ def load_model(settings: Settings) -> Served:
     pipe.set_progress_bar_config(disable=True)
     if settings.compile:
         pipe.enable_compile()
+    pipe.enable_fast(**settings.fast)
     ar_dev = resolve_device(settings.ar_device) if settings.ar_device else pipe.device
     lanes = 1
     if pipe.device.type == "cpu" and ar_dev.type == "cpu":
