@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import tempfile
 import time
@@ -77,16 +78,17 @@ def run_ours(pipe, wl: Workload) -> tuple[dict, object]:
     return dict(timer.times), out.images
 
 
-def ar_bytes_per_token(pipe, wl: Workload) -> float:
-    """Bytes the AR decode reads per generated token: language model + head weights, and the KV cache (at its
-    average length over the decode), for the whole batch step."""
+def ar_bytes_per_token(pipe, wl: Workload) -> tuple[float, int]:
+    """(bytes the AR decode reads per generated token: language model + head weights and the KV cache at its
+    average length over the decode, for the whole batch; the number of generated tokens)."""
+    from .prompt import build_prompts
     ar, t = pipe.ar, pipe.ar.cfg.text
     weights = sum(p.numel() * p.element_size() for n, p in ar.named_parameters()
                   if n.startswith(("language_model.", "lm_head.")) and "embed_tokens" not in n)
-    from .prompt import target_grids
-    th, tw, ph, pw = target_grids(wl.height, wl.width, ar.cfg)
-    n_new = th * tw + (0 if wl.i2i else ph * pw)
-    avg_len = 40 + n_new / 2  # prompt (about 40 tokens here) + half the grid, on average
+    grids = [[(wl.height // ar.cfg.grid_factor, wl.width // ar.cfg.grid_factor)]] if wl.i2i else None
+    batch = build_prompts([PROMPT], wl.height, wl.width, pipe.tokenizer, ar.cfg, grids)  # i2i: a source ~ target
+    n_new = sum(h * w for h, w in batch.grids)
+    avg_len = batch.input_ids.shape[1] + n_new / 2
     kv = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * avg_len * ar.lm_head.weight.element_size()
     return weights + wl.batch * kv, n_new
 
@@ -244,7 +246,7 @@ def main(args) -> int:
     from .validate import check_float, check_int
     if bool(args.model) == bool(args.preset):
         raise InputError("give a model folder or --preset NAME (random weights), not both and not neither", "model")
-    m = args.size and __import__("re").fullmatch(r"(\d+)x(\d+)", args.size)
+    m = args.size and re.fullmatch(r"(\d+)x(\d+)", args.size)
     if args.size and not m:
         raise InputError(f"--size {args.size!r} must be WIDTHxHEIGHT", "size")
     check_int("--runs", args.runs, 1, 1000)

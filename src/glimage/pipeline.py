@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoint import read_json, write_json
 from .config import GlmImageConfig, SchedulerConfig, get_preset
 from .convert.ar import load_ar, save_ar
+from .convert.scheduler import scheduler_from_official, scheduler_to_official
 from .convert.dit import load_dit, save_dit
 from .convert.glyph import load_glyph_encoder, save_glyph_encoder
 from .convert.vae import load_vae, save_vae
@@ -34,7 +35,7 @@ from .models.dit import GlmImageDiT, RefKV
 from .models.glyph import GlyphEncoder
 from .models.vae import AutoencoderKL
 from .prior import Prior, normalize_images, run_prior
-from .prompt import GlmTokenizer, target_grids
+from .prompt import CHAT_TEMPLATE, GlmTokenizer, target_grids
 from .timing import NO_TIMER
 from .validate import (
     MAX_GUIDANCE,
@@ -80,22 +81,6 @@ def seed_generator(generator, seed, device: torch.device) -> torch.Generator:
 
 def _initial_seed(generator) -> int:
     return (generator[0] if isinstance(generator, (list, tuple)) else generator).initial_seed()
-
-
-def scheduler_from_official(d: dict) -> SchedulerConfig:
-    kind = d.get("time_shift_type", "exponential")  # diffusers' default when the key is absent
-    if not d.get("use_dynamic_shifting", True):
-        raise InputError("scheduler_config.json has use_dynamic_shifting=false; GLM-Image needs the dynamic shift")
-    return SchedulerConfig(num_train_timesteps=d.get("num_train_timesteps", 1000),
-                           base_image_seq_len=d.get("base_image_seq_len", 256), base_shift=d.get("base_shift", 0.25),
-                           max_shift=d.get("max_shift", 0.75), time_shift_type=kind)
-
-
-def scheduler_to_official(cfg: SchedulerConfig) -> dict:
-    return dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=cfg.num_train_timesteps,
-                use_dynamic_shifting=True, time_shift_type=cfg.time_shift_type,
-                base_image_seq_len=cfg.base_image_seq_len, base_shift=cfg.base_shift, max_shift=cfg.max_shift,
-                max_image_seq_len=4096, shift=1.0)
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
@@ -505,12 +490,3 @@ class GlmImagePipeline:
     def ar_device(self) -> torch.device:
         """Where the AR runs: the pipeline's device, or its own (from_pretrained(ar_device=...))."""
         return self.device if self.offload else self.ar.lm_head.weight.device
-
-
-# Official processor/chat_template.jinja of zai-org/GLM-Image (image items become the image span placeholders).
-CHAT_TEMPLATE = (
-    "{%- for m in messages -%}\n{%- if m.content is string -%}\n{{ m.content }}\n{%- else -%}\n"
-    "{%- for item in m.content -%}\n{%- if item.type == 'image' or item.get('image') is not none -%}\n"
-    "<|dit_token_16384|><|image|><|dit_token_16385|>\n{%- elif item.type == 'text' -%}\n{{ item.text }}\n"
-    "{%- endif -%}\n{%- endfor -%}\n{%- endif -%}\n{%- endfor -%}"
-)

@@ -170,3 +170,12 @@ def build_prompts(prompts: list[str], height: int, width: int, tok: GlmTokenizer
         position_ids[:, b, L - len(r):] = p
     return PromptBatch(input_ids, mask, position_ids, torch.stack(decodes), grids, (th, tw),
                        ph * pw if t2i else 0)
+
+
+# Official processor/chat_template.jinja of zai-org/GLM-Image (image items become the image span placeholders).
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}\n{%- if m.content is string -%}\n{{ m.content }}\n{%- else -%}\n"
+    "{%- for item in m.content -%}\n{%- if item.type == 'image' or item.get('image') is not none -%}\n"
+    "<|dit_token_16384|><|image|><|dit_token_16385|>\n{%- elif item.type == 'text' -%}\n{{ item.text }}\n"
+    "{%- endif -%}\n{%- endfor -%}\n{%- endif -%}\n{%- endfor -%}"
+)

@@ -318,7 +318,7 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
         def params(seed: int) -> dict:
             return {"prompt": spec.prompt, "seed": seed, "height": spec.height, "width": spec.width,
                     "num_inference_steps": spec.steps, "guidance_scale": spec.guidance, "model": s.id,
-                    "glimage": __version__}
+                    "glimage": __version__, **s.pipe.fast}
 
         async def encoded(ev: dict) -> bytes:
             return await asyncio.to_thread(api.encode, ev["image"], spec, params(spec.seed + ev["index"]))

@@ -32,6 +32,7 @@ from PIL import Image
 
 from ..models.dit import RefKV
 from ..pipeline import GlmImagePipeline, to_pil
+from ..prior import Prior
 from ..validate import InputError
 
 log = logging.getLogger("glimage.serve")
@@ -277,7 +278,8 @@ class Engine:
         t0 = time.monotonic()
         kv = None
         if r0.images:
-            kv = RefKV.stack([pipe._reference_kv([it.req.images], _SourcePrior(it), 1) for it in batch])
+            kv = RefKV.stack([pipe._reference_kv([it.req.images], Prior(it.prior, None, None, it.source_ids,
+                                                                        it.source_grids), 1) for it in batch])
         # each image's noise from its own generator, seeded like the CLI's
         latents = torch.cat([torch.randn((1, *pipe.latent_shape(r0.height, r0.width)), dtype=pipe.dtype,
                                          generator=torch.Generator().manual_seed(it.seed)) for it in batch])
@@ -344,12 +346,3 @@ class Engine:
         for req in {it.req for it in batch}:
             self._fail(req, status, message, "failed", code)
 
-
-@dataclass
-class _SourcePrior:
-    """What GlmImagePipeline._reference_kv reads of a Prior, for one item."""
-    source_ids: list
-    source_grids: list
-
-    def __init__(self, it: Item):
-        self.source_ids, self.source_grids = it.source_ids, it.source_grids

@@ -43,7 +43,7 @@ SAMPLE_PROMPTS = ("a red circle", "a blue square on the left", "a yellow triangl
 # ----------------------------------------------------------------------------------------- configuration
 
 def read_folder_config(root: str | os.PathLike) -> GlmImageConfig:
-    from ...pipeline import scheduler_from_official
+    from ...convert.scheduler import scheduler_from_official
     root = Path(root)
     return GlmImageConfig(ar=read_ar_config(root), glyph=glyph_config(read_json(root / "text_encoder" / "config.json")),
                           dit=dit_config(read_json(root / "transformer" / "config.json")),
