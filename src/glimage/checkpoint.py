@@ -119,6 +119,39 @@ def read_state_dict(folder: str | os.PathLike, device: torch.device | str = "cpu
     return out
 
 
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                 "U8": "u1", "BOOL": "?"}
+
+
+def read_arrays(folder: str | os.PathLike) -> dict[str, "np.ndarray"]:
+    """The tensors of a component folder as numpy arrays, without torch (the MindSpore backend's loader).
+    safetensors' own numpy reader has no bfloat16 (numpy lacks it), the official weights' dtype: the file
+    format is a JSON header and raw little-endian data, so it is read here and bf16 widened exactly to fp32."""
+    import numpy as np
+    out = {}
+    for path in weight_files(folder):
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                raw, shape = data[begin:end], tuple(info["shape"])
+                if info["dtype"] == "BF16":  # the high half of an fp32
+                    a = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+                else:
+                    a = raw.view(_NUMPY_DTYPES[info["dtype"]])
+                out[key] = np.array(a.reshape(shape))  # a copy: the map closes with the file
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+            size = path.stat().st_size if path.exists() else 0
+            raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes: {type(e).__name__}: "
+                                  f"{e}); the download may be incomplete: fetch the file again") from None
+    return out
+
+
 def tensor_headers(folder: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, dtype) of every tensor in a component folder, read from the headers only."""
     out = {}

@@ -57,6 +57,12 @@ def _generate(args) -> int:
     paths = check_output_paths(args.output, n)
     sources = [load_image(p, "--image") for p in args.image or []]
     preset, folder = _model_spec(args.model)
+    if args.backend == "mindspore":
+        torch_only = [f for f, on in (("--compile", args.compile), ("--offload", args.offload),
+                                      ("--step-cache", args.step_cache), ("--ar-int8", args.ar_int8)) if on]
+        if torch_only:
+            raise InputError(f"{', '.join(torch_only)}: PyTorch backend only (drop it or use --backend torch)",
+                             "backend")
     if folder is not None and (args.height is not None or args.width is not None):
         _check_size_early(folder, args.height, args.width, bool(sources))
 
@@ -64,11 +70,15 @@ def _generate(args) -> int:
     from .pipeline import GlmImagePipeline
 
     threads = set_threads(args.threads)
+    if args.backend == "mindspore":
+        from .mindspore.pipeline import set_cpu_threads
+        set_cpu_threads(threads)
     t0 = time.perf_counter()
     if preset:  # any preset with random weights: smoke tests and benchmarks
-        pipe = GlmImagePipeline.from_config(preset, seed=0, device=args.device, dtype=args.dtype)
+        pipe = GlmImagePipeline.from_config(preset, seed=0, device=args.device, dtype=args.dtype, backend=args.backend)
     else:
-        pipe = GlmImagePipeline.from_pretrained(folder, device=args.device, dtype=args.dtype, offload=args.offload)
+        pipe = GlmImagePipeline.from_pretrained(folder, device=args.device, dtype=args.dtype, offload=args.offload,
+                                                backend=args.backend)
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.compile:
         pipe.enable_compile()
@@ -83,6 +93,8 @@ def _generate(args) -> int:
         result = pipe(prompt, image=sources or None, height=args.height, width=args.width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed + i)
         params = {**result.parameters, "model": args.model or "shipped", "glimage": __version__, **pipe.fast}
+        if args.backend != "torch":
+            params["backend"] = args.backend
         if args.image:
             params["images"] = [Path(p).name for p in args.image]
         save_image(result.images[0], path, params)
@@ -90,7 +102,8 @@ def _generate(args) -> int:
         if not args.quiet:
             print(f"  seed {seed + i}: {time.perf_counter() - t1:.2f}s", file=sys.stderr)
     if not args.quiet:
-        print(f"load {load_s:.2f}s on {pipe.device} ({str(pipe.dtype).removeprefix('torch.')}, "
+        where = f"MindSpore {pipe.target}" if args.backend == "mindspore" else pipe.device
+        print(f"load {load_s:.2f}s on {where} ({str(pipe.dtype).removeprefix('torch.')}, "
               f"{threads} CPU thread{'s' if threads > 1 else ''})", file=sys.stderr)
     return 0
 
@@ -263,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks "
                    "(CUDA: the decode as a CUDA graph); pays off over many images or large models")
     _fast_args(g)
+    g.add_argument("--backend", choices=("torch", "mindspore"), default="torch", help="run the models in PyTorch "
+                   "(default) or MindSpore (pip install \"glimage[mindspore]\"; same seed, same tokens, the image "
+                   "within 1/255; slower on a CPU: see README)")
     g.add_argument("-q", "--quiet", action="store_true")
     g.set_defaults(fn=_generate)
     i = sub.add_parser("info", help="a model folder (default: the shipped model) or an image's generation "

@@ -55,6 +55,7 @@ DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes"
 # Generation defaults of the official model; a folder's glimage.json may override them (the shipped model does).
 CALL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 1.5}
 
+BACKENDS = ("torch", "mindspore")
 COMPONENTS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
 
@@ -110,14 +111,14 @@ def column_major_linears(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class GlmImagePipeline:
+    backend = "torch"
+
     def __init__(self, ar: GlmImageAR, tokenizer: GlmTokenizer, glyph_encoder: GlyphEncoder, dit: GlmImageDiT,
                  vae: AutoencoderKL, scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype):
         self.ar, self.tokenizer, self.glyph_encoder, self.dit, self.vae = ar, tokenizer, glyph_encoder, dit, vae
-        if device.type == "cpu" and ar.lm_head.weight.device.type == "cpu":  # not for offload to an accelerator
-            column_major_linears(ar.language_model)
-            column_major_linears(ar.lm_head)
-            # oneDNN's convolutions run ~1.2x faster channels-last (decoded pixels within 3e-5 of NCHW)
-            vae.to(memory_format=torch.channels_last)
+        self.channels_last = False  # the VAE's convolutions take channels-last input
+        if device.type == "cpu" and ar.device.type == "cpu":  # not for offload to an accelerator
+            self._tune_for_cpu()
         self.scheduler = scheduler
         self.device, self.dtype = device, dtype
         self.progress = True
@@ -125,6 +126,13 @@ class GlmImagePipeline:
         self.defaults: dict = {}  # a folder's glimage.json: height, width, num_inference_steps, guidance_scale
         self.decode_step = None  # None: the eager AR decode; enable_compile() sets a compiled static-shape step
         self.fast: dict = {}  # opt-in fast modes in effect (enable_fast): not the exact path
+
+    def _tune_for_cpu(self) -> None:
+        column_major_linears(self.ar.language_model)
+        column_major_linears(self.ar.lm_head)
+        # oneDNN's convolutions run ~1.2x faster channels-last (decoded pixels within 3e-5 of NCHW)
+        self.vae.to(memory_format=torch.channels_last)
+        self.channels_last = True
 
     # -- construction
 
@@ -135,11 +143,15 @@ class GlmImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device=None, dtype=None,
-                        offload: bool = False, ar_device=None) -> "GlmImagePipeline":
+                        offload: bool = False, ar_device=None, backend: str = "torch") -> "GlmImagePipeline":
         """Read an official GLM-Image folder; no path = the small model shipped in the package (offline).
         offload=True keeps the weights in CPU memory and moves each component to the accelerator only while it
         runs (the 10 B AR and 7 B DiT are never resident together). ar_device: run the AR on another device
-        than the rest (only prior ids cross between them), e.g. "cuda:0" and device="cuda:1"."""
+        than the rest (only prior ids cross between them), e.g. "cuda:0" and device="cuda:1".
+        backend="mindspore": the same pipeline with every model in MindSpore (glimage.mindspore)."""
+        if check_choice("backend", backend, BACKENDS) == "mindspore":
+            from .mindspore.pipeline import MindSporePipeline
+            return MindSporePipeline.from_pretrained(path, device, dtype, offload, ar_device)
         if path is None:
             if not (DEFAULT_MODEL / "vision_language_encoder").is_dir():
                 raise InputError(f"the default model is missing from the package ({DEFAULT_MODEL}); "
@@ -174,8 +186,12 @@ class GlmImagePipeline:
         return apply_lora_file(modules[component], path, merge=True)
 
     @classmethod
-    def from_config(cls, cfg: GlmImageConfig | str, seed: int = 0, device=None, dtype=None) -> "GlmImagePipeline":
+    def from_config(cls, cfg: GlmImageConfig | str, seed: int = 0, device=None, dtype=None,
+                    backend: str = "torch") -> "GlmImagePipeline":
         """Any preset with random weights (tests, benchmarks, training from scratch); byte-level tokenizer."""
+        if check_choice("backend", backend, BACKENDS) == "mindspore":
+            from .mindspore.pipeline import MindSporePipeline
+            return MindSporePipeline.from_config(cfg, seed, device, dtype)
         cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -466,7 +482,7 @@ class GlmImagePipeline:
         """Clean latents -> pixels (B, 3, H, W) in [-1, 1]."""
         with self._on_device(self.vae) as vae:
             z = vae.denormalize_latents(latents.to(self.device, self.dtype))
-            if vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+            if self.channels_last:
                 z = z.contiguous(memory_format=torch.channels_last)
             return vae.decode(z).contiguous()
 
@@ -489,4 +505,4 @@ class GlmImagePipeline:
     @property
     def ar_device(self) -> torch.device:
         """Where the AR runs: the pipeline's device, or its own (from_pretrained(ar_device=...))."""
-        return self.device if self.offload else self.ar.lm_head.weight.device
+        return self.device if self.offload else self.ar.device

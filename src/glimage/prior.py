@@ -51,7 +51,7 @@ def normalize_images(image, batch: int) -> list[list] | None:
 def tokenize_sources(model: GlmImageAR, images: list[list]) -> list[list[torch.Tensor]]:
     """[b][i] images -> [b][i] VQ id grids (gh, gw); images of one size share one ViT batch."""
     cfg = model.cfg
-    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    device, dtype = model.device, model.dtype
     pixels = [[preprocess_source(im, cfg.vision.patch_size, cfg.source_min_pixels, cfg.source_max_pixels,
                                  cfg.max_aspect_ratio) for im in row] for row in images]
     flat = [(b, i) for b, row in enumerate(pixels) for i in range(len(row))]
@@ -61,7 +61,7 @@ def tokenize_sources(model: GlmImageAR, images: list[list]) -> list[list[torch.T
         by_size.setdefault(tuple(pixels[b][i].shape), []).append((b, i))
     for members in by_size.values():
         x = torch.stack([pixels[b][i] for b, i in members]).to(device, dtype)
-        ids = model.vqmodel(model.visual(x))  # (n, gh, gw)
+        ids = model.image_ids(x)  # (n, gh, gw)
         for (b, i), g in zip(members, ids):
             out[b][i] = g
     return out

@@ -90,7 +90,7 @@ def generate_grid_tokens(model, batch: PromptBatch, temperature: float, top_k: i
     step: None = the eager loop (the cache read up to the current length); else a function like static_step
     (or its torch.compile) that decodes one token with static shapes; the draws are the same."""
     check_sampling(temperature, top_k, top_p)
-    device = model.lm_head.weight.device
+    device = model.device
     ids = batch.input_ids.to(device)
     B, L = ids.shape
     n_grid = sum(h * w for h, w in batch.grids)

@@ -166,10 +166,22 @@ class GlmImageAR(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h)
 
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
     @torch.no_grad()
+    def image_ids(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Source images (B, 3, H, W), normalised, sides multiples of the patch -> VQ ids (B, gh, gw)."""
+        return self.vqmodel(self.visual(pixels))
+
     def tokenize_images(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Source images (each (3, H, W), normalised, sides multiples of the patch) -> VQ ids (gh, gw)."""
-        return [self.vqmodel(self.visual(p[None]))[0] for p in pixels]
+        """Source images (each (3, H, W)) -> VQ ids (gh, gw)."""
+        return [self.image_ids(p[None])[0] for p in pixels]
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.lm_head.weight

@@ -75,6 +75,7 @@ class _Sampler:
 
     def __init__(self, model: ARModel):
         self.model, self.cfg, self.lm_head = model, model.cfg, model.lm_head
+        self.device = model.lm_head.weight.device
 
     def new_cache(self, batch: int, max_len: int):
         return self.model.new_cache(batch, max_len)

@@ -1,0 +1,105 @@
+"""The MindSpore models behind the interfaces the shared pipeline code calls (prior.run_prior,
+sampling.generate_grid_tokens, glyph_text.encode_glyphs, GlmImagePipeline's stages).
+
+Everything that is not a tensor program stays shared: prompt layout, tokenizers, size rules, the flow schedule
+and every random draw. The draws (AR sampling, latent noise) come from the seeded torch CPU generators of the
+PyTorch path, which define what a seed means (the reference's generator), so for one seed the two backends
+differ only in their tensor programs. What crosses here are small host arrays: ids and positions in, the last
+position's logits or one step's velocity out; the KV cache and the reference K/V stay MindSpore tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+import torch
+
+from ..models.dit import RefKV
+from ..models.vae import DiagonalGaussian
+from .layers import to_ms
+
+
+def to_torch(x: ms.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.astype(ms.float32).asnumpy()
+                                                 if x.dtype in (ms.bfloat16, ms.float16) else x.asnumpy()))
+
+
+def _ms(x: torch.Tensor | None, dtype=None):
+    return None if x is None else to_ms(x.detach().cpu().numpy(), dtype)
+
+
+class _Bridge:
+    device = torch.device("cpu")  # where the shared code keeps its tensors (and draws its random numbers)
+    dtype = torch.float32
+
+    def __init__(self, model):
+        self.model, self.cfg = model, model.cfg
+        self.ms_dtype = next(iter(model.get_parameters())).dtype
+
+
+class ARBridge(_Bridge):
+    """GlmImageAR's interface for run_prior / generate_grid_tokens."""
+
+    def image_ids(self, pixels: torch.Tensor) -> torch.Tensor:
+        return to_torch(self.model.image_ids(_ms(pixels, self.ms_dtype))).long()
+
+    def new_cache(self, batch: int, max_len: int):
+        return self.model.new_cache(batch, max_len)
+
+    def __call__(self, input_ids, position_ids, mask=None, cache=None, pos=0, last_only=False) -> torch.Tensor:
+        if isinstance(pos, torch.Tensor):
+            raise NotImplementedError("the static-shape decode step (enable_compile) is PyTorch-only")
+        logits = self.model(_ms(input_ids), _ms(position_ids), _ms(mask), cache, pos, last_only)
+        return to_torch(logits)
+
+
+class GlyphBridge(_Bridge):
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return to_torch(self.model(_ms(ids), _ms(mask)))
+
+
+class DiTBridge(_Bridge):
+    """The denoiser and the reference-image write pass. Reference K/V travel as a torch RefKV (the pipeline
+    joins and repeats them); their MindSpore copy is made once per RefKV, not per step."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self._refs: tuple | None = None  # (id, MindSpore K/V, the RefKV kept alive so its id stays unique)
+
+    def _ms_refs(self, kv: RefKV | None, batch: int):
+        if kv is None:
+            return None
+        kv = kv.for_batch(batch)
+        key = id(kv.k[0])
+        if self._refs is None or self._refs[0] != key:
+            self._refs = (key, [(_ms(k, self.ms_dtype), _ms(v, self.ms_dtype)) for k, v in zip(kv.k, kv.v)], kv)
+        return self._refs[1]
+
+    def __call__(self, latents, glyph, prior_token_id, prior_token_drop, timestep, target_size, crop_coords,
+                 kv: RefKV | None = None, glyph_mask=None) -> torch.Tensor:
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
+        args = [_ms(latents, self.ms_dtype), _ms(glyph, self.ms_dtype), _ms(prior_token_id), _ms(prior_token_drop),
+                _ms(timestep), _ms(target_size), _ms(crop_coords)]
+        return to_torch(self.model(*args, refs=self._ms_refs(kv, latents.shape[0]), glyph_mask=_ms(glyph_mask)))
+
+    def encode_reference(self, latents, prior_token_id, target_size, crop_coords=None) -> RefKV:
+        if crop_coords is None:
+            crop_coords = torch.zeros(latents.shape[0], 2)
+        out = self.model.encode_reference(_ms(latents, self.ms_dtype), _ms(prior_token_id), _ms(target_size),
+                                          _ms(crop_coords))
+        return RefKV([to_torch(k) for k, _ in out], [to_torch(v) for _, v in out])
+
+
+class VAEBridge(_Bridge):
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        mean, logvar = (to_torch(t) for t in ms.ops.chunk(self.model.encoder(_ms(x, self.ms_dtype)), 2, 1))
+        return DiagonalGaussian(mean, logvar.clamp(-30.0, 20.0))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return to_torch(self.model.decode(_ms(z, self.ms_dtype)))
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return to_torch(self.model.normalize_latents(_ms(z, self.ms_dtype)))
+
+    def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return to_torch(self.model.denormalize_latents(_ms(z, self.ms_dtype)))
