@@ -7,6 +7,12 @@ path's own. pipeline.py runs generation (`glimage generate --backend mindspore`)
 (`glimage train tiny-ar --set backend=mindspore`). Parity with the PyTorch path: tests/test_mindspore.py.
 """
 
+import os
+
+# MindSpore logs every kernel warning (e.g. empty slices, which the pipeline makes on purpose) to stderr at
+# level 2; errors still show. Set GLOG_v yourself to see more.
+os.environ.setdefault("GLOG_v", "3")
+
 try:
     import mindspore  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the environment

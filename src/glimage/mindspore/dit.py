@@ -48,14 +48,24 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.astype(x.dtype)
 
 
+# n_text = 0 (the reference-image write pass) skips the text slice: the gradient of an empty slice fails on
+# MindSpore's CPU backend (StridedSliceGrad: "input memory out of bounds")
+
 def _modulate(x, n_text, shift_t, scale_t, shift_i, scale_i):
-    t = x[:, :n_text] * (1 + scale_t[:, None]) + shift_t[:, None]
     i = x[:, n_text:] * (1 + scale_i[:, None]) + shift_i[:, None]
-    return ops.cat([t, i], 1)
+    if not n_text:
+        return i
+    return ops.cat([x[:, :n_text] * (1 + scale_t[:, None]) + shift_t[:, None], i], 1)
 
 
 def _gate(y, n_text, gate_t, gate_i):
+    if not n_text:
+        return y * gate_i[:, None]
     return ops.cat([y[:, :n_text] * gate_t[:, None], y[:, n_text:] * gate_i[:, None]], 1)
+
+
+def _rope_image(x, n_text, rope):
+    return ops.cat([x[:, :n_text], apply_rope(x[:, n_text:], *rope)], 1) if n_text else apply_rope(x, *rope)
 
 
 class Proj(nn.Cell):
@@ -126,9 +136,7 @@ class Attention(nn.Cell):
         shape = (B, L, self.heads, self.head_dim)
         q, k, v = (p(h).reshape(shape) for p in (self.to_q, self.to_k, self.to_v))
         q, k = layer_norm(q, LN_EPS), layer_norm(k, LN_EPS)
-        q = ops.cat([q[:, :n_text], apply_rope(q[:, n_text:], *rope)], 1)
-        k = ops.cat([k[:, :n_text], apply_rope(k[:, n_text:], *rope)], 1)
-        return q, k, v
+        return _rope_image(q, n_text, rope), _rope_image(k, n_text, rope), v
 
     def attend(self, q, k, v, ref=None, key_mask=None):
         if ref is not None:

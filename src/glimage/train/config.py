@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..validate import MAX_SEED, InputError, check_dataclass, check_float, check_int
+from ..validate import MAX_SEED, InputError, check_choice, check_dataclass, check_float, check_int
 
 try:
     import tomllib
@@ -51,6 +51,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     device: str = ""  # "" = best available
+    backend: str = "torch"  # torch | mindspore (stages ar and decoder: glimage.mindspore.train)
     checkpoint_every: int = 50  # 0 = only at the end
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -87,6 +88,9 @@ class TrainConfig:
         check_dataclass(self)
         if self.stage not in STAGES:
             raise InputError(f"stage={self.stage!r} must be one of {STAGES}")
+        check_choice("backend", self.backend, ("torch", "mindspore"))
+        if self.backend == "mindspore" and self.stage not in ("ar", "decoder"):
+            raise InputError(f"backend=mindspore trains the stages ar and decoder, not {self.stage!r}", "backend")
         check_int("steps", self.steps, 1)
         check_int("seed", self.seed, 0, MAX_SEED)
         check_float("lr", self.lr, 0, 1, lo_open=True)

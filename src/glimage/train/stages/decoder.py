@@ -188,9 +188,19 @@ class DecoderStage(StageBase):
         return torch.arange(T, device=self.device)[None] >= (T - n)[:, None]
 
     def step(self, model: GlmImageDiT, batch, generator: torch.Generator) -> StepOutput:
-        images = batch["images"]
-        if images is None:
+        if batch["images"] is None:
             return empty_output(model)
+        loss = count = 0
+        for args, kw, target in self.model_inputs(batch, generator):
+            s, c = flow_loss(model(*args, **kw), target, self.model_cfg.dit.patch_size)
+            loss, count = loss + s, count + c
+        return StepOutput(loss, count)
+
+    def model_inputs(self, batch, generator: torch.Generator) -> list[tuple[list, dict, torch.Tensor]]:
+        """The micro-batch's conditioned model inputs, in the groups the model runs (samples reading reference
+        images apart): [(args, kwargs of TrainableDiT.forward, target velocity)]. Every random draw happens
+        here, so any backend computing the loss from these trains on the same numbers."""
+        images = batch["images"]
         B, _, H, W = images.shape
         sched = self.model_cfg.scheduler
         mean, logvar, prior = self._encode(images, batch["index"])
@@ -227,18 +237,16 @@ class DecoderStage(StageBase):
         # samples that read reference images run apart from the others (the K/V path is per batch)
         refs = [None if d or not s else self._references(s) for d, s in zip(drop, batch["sources"])]
         keys = [None if r is None else tuple(tuple(z.shape) for z, _, _ in r) for r in refs]
-        loss = count = 0
+        out = []
         for key, rows in groups_by(keys).items():
             r = torch.tensor(rows, device=self.device)
             # glyphs left-padded to the group's own longest; a trained encoder runs inside the model's forward
             rows_text = [texts[i] for i in rows]
             g = rows_text if self.cfg.train_glyph else encode_glyphs(self.glyph, rows_text, self.device, self.dtype)
-            gm = self._glyph_mask(rows_text)
-            v = model(x_t[r], g, prior[r], prior_drop[r], (t[r] - 1).to(self.dtype), size[r], crop[r],
-                      refs=[refs[i] for i in rows] if key is not None else None, glyph_mask=gm)
-            s, c = flow_loss(v, target[r], self.model_cfg.dit.patch_size)
-            loss, count = loss + s, count + c
-        return StepOutput(loss, count)
+            args = [x_t[r], g, prior[r], prior_drop[r], (t[r] - 1).to(self.dtype), size[r], crop[r]]
+            kw = dict(refs=[refs[i] for i in rows] if key is not None else None, glyph_mask=self._glyph_mask(rows_text))
+            out.append((args, kw, target[r]))
+        return out
 
     # -- export
 
