@@ -190,11 +190,22 @@ def test_generation_same_tokens_and_image(shipped, mode):
 def test_torch_only_options_are_refused(shipped):
     from glimage.validate import InputError
     _, mp = shipped
-    for call in (mp.enable_compile, lambda: mp.enable_fast(step_cache=0.3), mp.enable_model_cpu_offload):
+    for call in (lambda: mp.enable_fast(step_cache=0.3), mp.enable_model_cpu_offload):
         with pytest.raises(InputError, match="PyTorch backend"):
             call()
     with pytest.raises(InputError, match="guidance_scale=-1"):  # the shared validation
         mp("x", guidance_scale=-1)
+
+
+def test_compiled_denoiser_same_image(shipped):
+    """enable_compile: the DiT in graph mode (ms.jit), the same tokens and the image within 1/255."""
+    tp, _ = shipped
+    mp = MindSporePipeline.from_pretrained(DEFAULT_MODEL, device="cpu")
+    mp.set_progress_bar_config(disable=True)
+    mp.enable_compile()
+    a, b = tp("a blue square", seed=2, num_inference_steps=4), mp("a blue square", seed=2, num_inference_steps=4)
+    assert torch.equal(a.prior_token_ids, b.prior_token_ids)
+    assert np.abs(np.asarray(a.images[0], np.int16) - np.asarray(b.images[0], np.int16)).max() <= 1
 
 
 def test_save_pretrained_round_trip(shipped, tmp_path):

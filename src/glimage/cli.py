@@ -58,7 +58,7 @@ def _generate(args) -> int:
     sources = [load_image(p, "--image") for p in args.image or []]
     preset, folder = _model_spec(args.model)
     if args.backend == "mindspore":
-        torch_only = [f for f, on in (("--compile", args.compile), ("--offload", args.offload),
+        torch_only = [f for f, on in (("--offload", args.offload),
                                       ("--step-cache", args.step_cache), ("--ar-int8", args.ar_int8)) if on]
         if torch_only:
             raise InputError(f"{', '.join(torch_only)}: PyTorch backend only (drop it or use --backend torch)",
@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(g)
     g.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each stage to the GPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks "
-                   "(CUDA: the decode as a CUDA graph); pays off over many images or large models")
+                   "(CUDA: the decode as a CUDA graph); with --backend mindspore: the DiT in graph mode (ms.jit); pays off "
+                   "over many images or large models")
     _fast_args(g)
     g.add_argument("--backend", choices=("torch", "mindspore"), default="torch", help="run the models in PyTorch "
                    "(default) or MindSpore (pip install \"glimage[mindspore]\"; same seed, same tokens, the image "

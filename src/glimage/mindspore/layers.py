@@ -26,14 +26,23 @@ def ones(dim: int) -> Parameter:
     return Parameter(initializer("ones", (dim,), ms.float32))
 
 
+_MATMUL_NT = ops.MatMul(transpose_b=True)
+
+
 class Linear(nn.Cell):
+    """y = x W^T + b through the MatMul primitive with transpose_b: MindSpore 2.10's CPU `dense` (mint.linear)
+    is 20-60x slower at these shapes (a 256 -> 16512 head on one row: 19.9 ms vs 0.6 ms; torch 0.37 ms)."""
+
     def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
         super().__init__()
         self.weight = _zeros(dim_out, dim_in)
         self.bias = _zeros(dim_out) if bias else None
 
     def construct(self, x: Tensor) -> Tensor:
-        return mint.nn.functional.linear(x, self.weight, self.bias)
+        y = _MATMUL_NT(x.reshape(-1, x.shape[-1]), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class Embedding(nn.Cell):

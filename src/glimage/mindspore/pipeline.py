@@ -148,7 +148,10 @@ class MindSporePipeline(GlmImagePipeline):
         raise InputError(f"{what} is an option of the PyTorch backend (backend='torch')", "backend")
 
     def enable_compile(self, ar: bool = True, dit: bool = True) -> None:
-        self._torch_only("compile")
+        """MindSpore's graph mode (ms.jit) for the denoiser: compiled per shape (a few seconds), then faster
+        per step (README). The AR decode stays in PyNative: its cache length grows every token."""
+        if dit:
+            self.dit.compile()
 
     def enable_fast(self, step_cache: float | None = None, ar_int8: bool = False) -> None:
         if step_cache or ar_int8:
