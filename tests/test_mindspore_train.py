@@ -171,4 +171,5 @@ def test_msrun_two_workers_equal_one_process(data_dir):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     a, b = _metrics(one.out), _metrics(two)
+    assert [r["workers"] for r in a] == [1] * 3 and [r["workers"] for r in b] == [2] * 3  # really two
     assert len(b) == 3 and all(abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"] for x, y in zip(a, b))

@@ -19,7 +19,6 @@ import mindspore as ms
 import torch
 
 from ..checkpoint import read_json
-from ..config import GlmImageConfig
 from ..convert.scheduler import scheduler_from_official
 from ..pipeline import DEFAULT_MODEL, GlmImagePipeline
 from ..prompt import GlmTokenizer
@@ -98,11 +97,6 @@ class MindSporePipeline(GlmImagePipeline):
 
     def _tune_for_cpu(self) -> None:  # the torch layouts do not apply
         pass
-
-    @property
-    def config(self) -> GlmImageConfig:
-        return GlmImageConfig(ar=self.ar.cfg, glyph=self.glyph_encoder.cfg, dit=self.dit.cfg, vae=self.vae.cfg,
-                              scheduler=self.scheduler)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device=None, dtype=None, offload: bool = False,

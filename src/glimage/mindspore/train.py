@@ -228,6 +228,8 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
     if stage is None:
         if main:
             prepare_data(cfg)
+        if reduce is not None:  # a barrier: the other workers read the data the first one generates
+            reduce(Tensor([0.0], ms.float32)).asnumpy()
         stage = make_stage(cfg)
     stage.setup(torch.device("cpu"), torch.float32)  # the frozen encoders and the conditioning: shared code
     torch.manual_seed(cfg.seed)
@@ -277,7 +279,7 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
             dt = time.perf_counter() - t0
             log.step({"step": i + 1, "loss": loss_sum / count if count else math.nan, "lr": lr, "grad_norm": gn,
                       "samples_per_s": cfg.batch_size / dt, "tokens_per_s": count / dt, "update_skipped": not ok,
-                      "backend": "mindspore"})
+                      "backend": "mindspore", "workers": W})
             if main and ((cfg.checkpoint_every > 0 and (i + 1) % cfg.checkpoint_every == 0) or i + 1 == end):
                 _save(ckpt, i + 1, trainer, opt, ema, cfg.keep_checkpoints)
     finally:
