@@ -3,7 +3,7 @@
     python scripts/bench_mindspore.py [--threads 1] [--images 3] [--steps 5]
 
 Generation: the shipped model (128x128, 20 steps, CFG), seconds per image and per stage, for torch, MindSpore
-(PyNative) and MindSpore with enable_compile (the DiT in graph mode; compiled in the warm-up, once per shape:
+(PyNative) and MindSpore with enable_compile (AR decode step and DiT in graph mode; compiled in the warm-up:
 ~2 s each, not counted).
 Training: one optimizer step (forward, backward, AdamW) of the tiny-ar and tiny-decoder recipes on the same
 batch of 8. Both frameworks get the same number of CPU threads.

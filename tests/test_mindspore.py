@@ -197,15 +197,31 @@ def test_torch_only_options_are_refused(shipped):
         mp("x", guidance_scale=-1)
 
 
-def test_compiled_denoiser_same_image(shipped):
-    """enable_compile: the DiT in graph mode (ms.jit), the same tokens and the image within 1/255."""
+def test_compiled_same_tokens_and_images(shipped):
+    """enable_compile: the AR decode as one static-shape step and the DiT in graph mode (ms.jit); a padded batch
+    of two prompts draws the PyTorch path's tokens and images within 1/255."""
     tp, _ = shipped
     mp = MindSporePipeline.from_pretrained(DEFAULT_MODEL, device="cpu")
     mp.set_progress_bar_config(disable=True)
     mp.enable_compile()
-    a, b = tp("a blue square", seed=2, num_inference_steps=4), mp("a blue square", seed=2, num_inference_steps=4)
+    prompts = ["a blue square", 'a green triangle left of a sign that says "OK"']
+    a, b = tp(prompts, seed=2, num_inference_steps=4), mp(prompts, seed=2, num_inference_steps=4)
     assert torch.equal(a.prior_token_ids, b.prior_token_ids)
-    assert np.abs(np.asarray(a.images[0], np.int16) - np.asarray(b.images[0], np.int16)).max() <= 1
+    for x, y in zip(a.images, b.images):
+        assert np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max() <= 1
+
+
+def test_device_and_dtype_mapping():
+    from glimage.mindspore.pipeline import ms_dtype, set_device
+    from glimage.validate import InputError
+    assert set_device("cpu") == "CPU" and set_device(None) == "CPU"  # no Ascend or GPU here
+    for bad, msg in (("tpu", "device='tpu' must be one of"), ("npu:x", "index after ':' must be a number")):
+        with pytest.raises(InputError, match=msg):
+            set_device(bad)
+    assert ms_dtype(None, "CPU") == ms.float32 and ms_dtype(None, "Ascend") == ms.bfloat16
+    assert ms_dtype("torch.float16", "GPU") == ms.float16
+    with pytest.raises(InputError, match="bfloat16 has no MindSpore CPU kernels"):
+        ms_dtype("bfloat16", "CPU")
 
 
 def test_save_pretrained_round_trip(shipped, tmp_path):

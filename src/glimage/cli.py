@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(g)
     g.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each stage to the GPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks "
-                   "(CUDA: the decode as a CUDA graph); with --backend mindspore: the DiT in graph mode (ms.jit); pays off "
+                   "(CUDA: the decode as a CUDA graph); with --backend mindspore: both in graph mode (ms.jit); pays off "
                    "over many images or large models")
     _fast_args(g)
     g.add_argument("--backend", choices=("torch", "mindspore"), default="torch", help="run the models in PyTorch "

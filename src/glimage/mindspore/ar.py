@@ -87,6 +87,19 @@ class Attention(nn.Cell):
         y = attention(q, k, v, mask, causal=mask is None and L > 1)
         return self.o_proj(y.swapaxes(1, 2).reshape(B, L, -1))
 
+    def static(self, x, cos, sin, mask, k_cache, v_cache, slot):
+        """One token with static shapes (graph mode): its K/V replace the cache's slot (slot: (S,) one-hot
+        bool) in new cache tensors; attention over the whole cache under mask (B, 1, 1, S)."""
+        B = x.shape[0]
+        q = self.q_proj(x).reshape(B, 1, self.n_head, self.head_dim).swapaxes(1, 2)
+        k = self.k_proj(x).reshape(B, 1, self.n_kv, self.head_dim).swapaxes(1, 2)
+        v = self.v_proj(x).reshape(B, 1, self.n_kv, self.head_dim).swapaxes(1, 2)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        where = slot.reshape(1, 1, -1, 1)
+        k_cache, v_cache = ops.where(where, k, k_cache), ops.where(where, v, v_cache)
+        y = attention(q, k_cache, v_cache, mask)
+        return self.o_proj(y.swapaxes(1, 2).reshape(B, 1, -1)), k_cache, v_cache
+
 
 class MLP(nn.Cell):
     def __init__(self, cfg: TextConfig):
@@ -112,6 +125,11 @@ class DecoderLayer(nn.Cell):
     def construct(self, x, cos, sin, mask, cache=None, pos=0):
         x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+
+    def static(self, x, cos, sin, mask, k_cache, v_cache, slot):
+        a, k_cache, v_cache = self.self_attn.static(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, slot)
+        x = x + self.post_self_attn_layernorm(a)
+        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x))), k_cache, v_cache
 
 
 class TextModel(nn.Cell):
@@ -159,6 +177,20 @@ class GlmImageAR(nn.Cell):
     def construct(self, input_ids, position_ids, mask=None, cache=None, pos=0, last_only=False):
         h = self.language_model(input_ids, position_ids, mask, cache, pos)
         return self.lm_head(h[:, -1:] if last_only else h)
+
+    def decode_static(self, tok, position_ids, mask, slot, ks: tuple, vs: tuple):
+        """One decode step with the same shapes at every position (ms.jit compiles it once): tok (B, 1),
+        position_ids (3, B, 1), mask (B, 1, 1, S), slot (S,) one-hot of the position; ks, vs the per-layer
+        caches -> (logits (B, 1, V), new ks, new vs)."""
+        lm = self.language_model
+        x = lm.embed_tokens(tok)
+        cos, sin = mrope_cos_sin(lm.cfg, position_ids, x.dtype)
+        new_k, new_v = [], []
+        for layer, k, v in zip(lm.layers, ks, vs):
+            x, k, v = layer.static(x, cos, sin, mask, k, v, slot)
+            new_k.append(k)
+            new_v.append(v)
+        return self.lm_head(lm.norm(x)), tuple(new_k), tuple(new_v)
 
     def image_ids(self, pixels: Tensor) -> Tensor:
         """Source images (B, 3, H, W), normalised -> VQ ids (B, gh, gw)."""

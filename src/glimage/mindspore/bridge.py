@@ -46,9 +46,26 @@ class ARBridge(_Bridge):
     def new_cache(self, batch: int, max_len: int):
         return self.model.new_cache(batch, max_len)
 
+    def compile(self):
+        """A decode step for generate_grid_tokens(step=...) that MindSpore compiles once (graph mode): the
+        cache keeps its full length, the token's slot and the visible keys are inputs, not shapes."""
+        model = self.model
+
+        @ms.jit
+        def decode(tok, position_ids, mask, slot, ks, vs):
+            return model.decode_static(tok, position_ids, mask, slot, ks, vs)
+
+        def step(_, tok, position_ids, key_valid, cache, pos):
+            slots = torch.arange(key_valid.shape[1])
+            mask = (key_valid & (slots <= pos))[:, None, None, :]
+            # mutable: a tuple argument is otherwise a constant of the graph (one compilation per step)
+            logits, ks, vs = decode(_ms(tok[:, None]), _ms(position_ids), _ms(mask), _ms(slots == pos),
+                                    ms.mutable(tuple(cache.k)), ms.mutable(tuple(cache.v)))
+            cache.k, cache.v = list(ks), list(vs)
+            return to_torch(logits)
+        return step
+
     def __call__(self, input_ids, position_ids, mask=None, cache=None, pos=0, last_only=False) -> torch.Tensor:
-        if isinstance(pos, torch.Tensor):
-            raise NotImplementedError("the static-shape decode step (enable_compile) is PyTorch-only")
         logits = self.model(_ms(input_ids), _ms(position_ids), _ms(mask), cache, pos, last_only)
         return to_torch(logits)
 
@@ -86,7 +103,8 @@ class DiTBridge(_Bridge):
         kv = kv.for_batch(batch)
         key = id(kv.k[0])
         if self._refs is None or self._refs[0] != key:
-            self._refs = (key, [(_ms(k, self.ms_dtype), _ms(v, self.ms_dtype)) for k, v in zip(kv.k, kv.v)], kv)
+            refs = ms.mutable([(_ms(k, self.ms_dtype), _ms(v, self.ms_dtype)) for k, v in zip(kv.k, kv.v)])
+            self._refs = (key, refs, kv)  # mutable: a graph input, not a constant (see ARBridge.compile)
         return self._refs[1]
 
     def __call__(self, latents, glyph, prior_token_id, prior_token_drop, timestep, target_size, crop_coords,

@@ -60,21 +60,13 @@ class Conv2d(nn.Cell):
         self.weight = _zeros(c_out, c_in, kernel, kernel)
         self.bias = _zeros(c_out)
         self.stride, self.padding = stride, padding
+        self.by_matmul = ms.get_context("device_target") == "CPU"  # fixed at construction: a graph constant
 
     def construct(self, x: Tensor) -> Tensor:
-        if _on_cpu():
+        if self.by_matmul:
             return conv2d_matmul(x, self.weight, self.bias, self.stride, self.padding)
         mode = "pad" if self.padding else "valid"
         return ops.conv2d(x, self.weight, self.bias, stride=self.stride, pad_mode=mode, padding=self.padding)
-
-
-_CPU: list[bool] = []
-
-
-def _on_cpu() -> bool:
-    if not _CPU:
-        _CPU.append(ms.get_context("device_target") == "CPU")
-    return _CPU[0]
 
 
 def conv2d_matmul(x: Tensor, w: Tensor, b: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
@@ -88,8 +80,11 @@ def conv2d_matmul(x: Tensor, w: Tensor, b: Tensor, stride: int = 1, padding: int
     if k == 1 and stride == 1:
         cols = x.reshape(B, C, ho * wo)
     else:  # (B, C, k*k, ho, wo): tap (i, j) is the input shifted by (i, j), in the weight's (C, kh, kw) order
-        cols = ops.stack([x[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-                          for i in range(k) for j in range(k)], 2).reshape(B, C * k * k, ho * wo)
+        taps = []
+        for t in range(k * k):  # one loop, not two: MindSpore's graph compiler parses single comprehensions only
+            i, j = t // k, t % k
+            taps.append(x[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride])
+        cols = ops.stack(taps, 2).reshape(B, C * k * k, ho * wo)
     y = ops.matmul(w.reshape(out, -1), cols) + b[:, None]  # (B, out, ho*wo)
     return y.reshape(B, out, ho, wo)
 
