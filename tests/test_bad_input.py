@@ -5,6 +5,7 @@ traceback, and no file left behind. The CLI cases run in-process through `glimag
 `glimage` script calls); one runs as a real subprocess with non-UTF-8 bytes in argv.
 """
 
+import importlib.util
 import math
 import os
 import shutil
@@ -148,7 +149,15 @@ CLI_CASES = {
     "train config garbage": (lambda t: ["train", str(touch(t / "c.toml", "steps = ["))],
                              ["c.toml", "not a readable TOML"]),
     "train unknown recipe": (lambda t: ["train", "tiny-nope"], ["'tiny-nope'", "recipes"]),
+    "backend unknown": (lambda t: gen(t, "--backend", "jax"), ["--backend", "'jax'", "mindspore"]),
+    "backend mindspore with a torch-only option": (lambda t: gen(t, "--backend", "mindspore", "--offload"),
+                                                   ["--offload", "PyTorch backend only"]),
+    "train backend mindspore for the vae": (lambda t: ["train", "tiny-vae", "--set", "backend='mindspore'"],
+                                            ["backend=mindspore", "ar and decoder", "'vae'"]),
 }
+if importlib.util.find_spec("mindspore") is None:  # where it is installed, this command just works
+    CLI_CASES["backend mindspore not installed"] = (lambda t: gen(t, "--backend", "mindspore"),
+                                                    ["needs MindSpore", 'pip install "glimage[mindspore]"'])
 
 
 def _truncated_png(path: Path) -> Path:
