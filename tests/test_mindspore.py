@@ -110,6 +110,9 @@ def test_dit_with_masks_drops_and_reference_kv(pipes):
     for a, b in zip(kv_t.k + kv_t.v, kv_m.k + kv_m.v):
         close(a, b)
     close(dit(lat, glyph, prior, None, t, size, crop, kv=kv_t), mp.dit(lat, glyph, prior, None, t, size, crop, kv=kv_m))
+    converted = mp.dit._refs[1]  # one shared reference repeated for the batch: copied to MindSpore once, not per step
+    mp.dit(lat, glyph, prior, None, t, size, crop, kv=kv_m)
+    assert mp.dit._refs[1] is converted
 
 
 @torch.no_grad()

@@ -81,7 +81,7 @@ class DiTBridge(_Bridge):
 
     def __init__(self, model):
         super().__init__(model)
-        self._refs: tuple | None = None  # (id, MindSpore K/V, the RefKV kept alive so its id stays unique)
+        self._refs: tuple | None = None  # (key, MindSpore K/V, the RefKV kept alive so its id stays unique)
         self.forward = model  # enable_compile swaps in a graph-mode (ms.jit) forward
 
     def compile(self) -> None:
@@ -100,10 +100,10 @@ class DiTBridge(_Bridge):
     def _ms_refs(self, kv: RefKV | None, batch: int):
         if kv is None:
             return None
-        kv = kv.for_batch(batch)
-        key = id(kv.k[0])
+        key = (id(kv.k[0]), batch)  # the caller's RefKV: for_batch may make a new one at every step
         if self._refs is None or self._refs[0] != key:
-            refs = ms.mutable([(_ms(k, self.ms_dtype), _ms(v, self.ms_dtype)) for k, v in zip(kv.k, kv.v)])
+            rows = kv.for_batch(batch)
+            refs = ms.mutable([(_ms(k, self.ms_dtype), _ms(v, self.ms_dtype)) for k, v in zip(rows.k, rows.v)])
             self._refs = (key, refs, kv)  # mutable: a graph input, not a constant (see ARBridge.compile)
         return self._refs[1]
 

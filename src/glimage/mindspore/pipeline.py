@@ -1,6 +1,7 @@
 """`MindSporePipeline`: GlmImagePipeline with every model running in MindSpore.
 
-    pipe = MindSporePipeline.from_pretrained("GLM-Image/", device="npu")     # or glimage.load(..., backend=...)
+    pipe = MindSporePipeline.from_pretrained("GLM-Image/", device="npu")
+    # = GlmImagePipeline.from_pretrained("GLM-Image/", device="npu", backend="mindspore")
     image = pipe("a red circle", seed=0).images[0]
 
 The class is the PyTorch pipeline with its four components swapped for MindSpore models behind the same
@@ -20,7 +21,7 @@ import torch
 
 from ..checkpoint import read_json
 from ..convert.scheduler import scheduler_from_official
-from ..pipeline import DEFAULT_MODEL, GlmImagePipeline
+from ..pipeline import GlmImagePipeline, model_folder
 from ..prompt import GlmTokenizer
 from ..validate import InputError, check_choice
 from . import weights
@@ -35,8 +36,8 @@ DEVICE_TARGETS = {"cpu": "CPU", "npu": "Ascend", "ascend": "Ascend", "cuda": "GP
 
 def set_device(device: str | None = None) -> str:
     """Map the PyTorch path's --device names onto MindSpore's device_target (and id): cpu -> CPU, npu[:N] ->
-    Ascend, cuda[:N] -> GPU; None / auto -> Ascend or GPU when MindSpore has one, else CPU. PyNative mode:
-    the pipeline's shapes change with every prompt (a graph would recompile per shape)."""
+    Ascend, cuda[:N] -> GPU; None / auto -> Ascend or GPU when MindSpore has one, else CPU. PyNative mode
+    (shapes change with every prompt); enable_compile takes the hot loops into graph mode."""
     name, idx = "auto", 0
     if device not in (None, "auto"):
         name, _, num = str(device).lower().partition(":")
@@ -104,9 +105,7 @@ class MindSporePipeline(GlmImagePipeline):
         """An official GLM-Image folder (no path: the shipped model), strictly, without torch for the weights."""
         if offload or ar_device is not None:
             raise InputError("offload and ar_device are options of the PyTorch backend", "offload")
-        path = Path(path) if path is not None else DEFAULT_MODEL
-        if not (path / "vision_language_encoder").is_dir():
-            raise InputError(f"{path} is not a GLM-Image folder (no vision_language_encoder/)")
+        path = model_folder(path)
         for component in ("vision_language_encoder", "transformer"):
             if (path / component / "lora.json").is_file():
                 raise InputError(f"{path / component} holds an unmerged LoRA adapter: export it merged "
