@@ -106,6 +106,18 @@ def gen(tmp, *extra, out=None):
 CLI_CASES = {
     "invalid UTF-8 prompt": (lambda t: ["generate", "a red \udcff circle", "-o", str(t / "x.png")],
                              ["prompt", "not valid UTF-8", "ff"]),
+    "empty prompt": (lambda t: ["generate", "", "-o", str(t / "x.png")], ["prompt is empty", "describe the image"]),
+    "whitespace prompt": (lambda t: ["generate", " \t ", "-o", str(t / "x.png")], ["prompt is empty"]),
+    "option typo": (lambda t: gen(t, "--seeed", "1"),
+                    ["usage: glimage generate", "unrecognized arguments: --seeed 1", "did you mean --seed?"]),
+    "option typo in eval shapes": (lambda t: ["eval", "shapes", "--n-per-categry", "2"],
+                                   ["usage: glimage eval shapes", "did you mean --n-per-category?"]),
+    "option typo in train": (lambda t: ["train", "tiny-ar", "--sett", "steps=1"], ["did you mean --set?"]),
+    "unquoted prompt": (lambda t: ["generate", "a", "red", "circle", "-o", str(t / "x.png")],
+                        ["unrecognized arguments: red circle", "quote"]),
+    "size not WxH": (lambda t: gen(t, "--size", "128"), ["--size '128'", "WIDTHxHEIGHT"]),
+    "size with height": (lambda t: gen(t, "--size", "128x128", "--height", "128"), ["--size", "not both"]),
+    "size off the grid": (lambda t: gen(t, "--size", "128x70"), ["height=70", "multiple of 16"]),
     "device npu absent": (lambda t: gen(t, "--device", "npu"), ["'npu'", "not available"]),
     "device tpu unknown": (lambda t: gen(t, "--device", "tpu"), ["'tpu'", "cpu, cuda"]),
     "guidance inf": (lambda t: gen(t, "--guidance", "inf"), ["--guidance=inf", "[0, 50]"]),
@@ -133,7 +145,7 @@ CLI_CASES = {
                                   ["bomb.png", "225.0 Mpx", "67 Mpx"]),
     "model missing": (lambda t: gen(t, "--model", str(t / "nope")), ["nope", "does not exist"]),
     "model preset unknown": (lambda t: gen(t, "--model", "random:huge"), ["random:huge", "random:tiny"]),
-    "info on a missing path": (lambda t: ["info", str(t / "nope")], ["nope", "does not exist"]),
+    "info on a missing path": (lambda t: ["info", str(t / "nope")], ["PATH '", "nope", "does not exist"]),
     "info on an image without parameters": (
         lambda t: ["info", str(Image.new("RGB", (8, 8)).save(t / "plain.png") or t / "plain.png")],
         ["plain.png", "no glimage generation parameters"]),
@@ -188,6 +200,42 @@ def test_model_folder_damage(case, command, broken, tmp_path, capsys):
         assert want in err, f"{want!r} not in {err!r}"
 
 
+def test_info_names_the_argument_the_user_gave(tmp_path, capsys):
+    rc, err = run_cli(["info", str(tmp_path / "no.png")], capsys, tmp_path)
+    assert rc == 2 and "--model" not in err and f"PATH {str(tmp_path / 'no.png')!r} does not exist" in err
+    rc, err = run_cli(gen(tmp_path, "--model", str(tmp_path / "no")), capsys, tmp_path)
+    assert rc == 2 and f"--model {str(tmp_path / 'no')!r} does not exist" in err
+
+
+@pytest.mark.parametrize("size", [["--height", "1024", "--width", "1024"], ["--size", "1024x1024"],
+                                  ["--width", "2048"], ["--model", "random:tiny", "--height", "70"],
+                                  ["--model", "random:tiny", "--width", "8192"]])
+def test_a_size_the_model_cannot_draw_is_refused_before_loading_and_before_a_seed(size, tmp_path, capsys,
+                                                                                    monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("loaded a model for a size it cannot draw")
+    monkeypatch.setattr(GlmImagePipeline, "from_pretrained", no_load)
+    monkeypatch.setattr(GlmImagePipeline, "from_config", no_load)
+    # no -q: a fresh seed would be announced on stderr
+    rc, err = run_cli(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--steps", "2", *size], capsys,
+                      tmp_path)
+    assert rc == 2 and "error" in err, err
+    assert not [line for line in err.splitlines() if line.startswith("seed")], err
+
+
+def test_check_prompt():
+    from glimage.validate import check_prompt
+    assert check_prompt(" a red circle ") == " a red circle "
+    for bad, msg in [("", "prompt is empty"), ("  \n\t", "prompt is empty"), (None, "must be a string"),
+                     (b"x", "must be a string"), ("a\x00b", "NUL"), ("\udcff", "not valid UTF-8")]:
+        with pytest.raises(InputError, match=msg) as e:
+            check_prompt(bad)
+        assert e.value.param == "prompt"
+    with pytest.raises(InputError, match="5 characters long; at most 4"):
+        check_prompt("abcde", max_chars=4)
+    assert check_prompt("abcd", max_chars=4) == "abcd"
+
+
 def test_invalid_utf8_argv_in_a_real_process(tmp_path):
     out = tmp_path / "x.png"
     r = subprocess.run([sys.executable, "-m", "glimage.cli", "generate", b"a \xff red circle", "-o", str(out)],
@@ -226,6 +274,7 @@ API_CASES = [
     (dict(seed=-1), "seed=-1"), (dict(seed=2**64), "seed=18446744073709551616"), (dict(seed=1.5), "seed=1.5"),
     (dict(prompt=5), "prompt must be a string"), (dict(prompt=[]), "prompt must be a string"),
     (dict(prompt=["ok", 3]), "prompt must be a string"), (dict(prompt="bad \udcff"), "not valid UTF-8"),
+    (dict(prompt=""), "prompt is empty"), (dict(prompt=["ok", " "]), "prompt is empty"),
     (dict(output_type="pt"), "output_type='pt'"), (dict(num_images_per_prompt=0), "num_images_per_prompt=0"),
     (dict(num_images_per_prompt=65), "num_images_per_prompt=65"),
     (dict(image="/nonexistent.png"), "no such file"), (dict(image=b"not an image"), "not an image file"),

@@ -70,6 +70,14 @@ def test_parameters_travel_in_png_jpeg_and_webp(tmp_path, capsys):
     assert 'a sign that says "ÄBC"' in text and "seed" in text and "2.5" in text
 
 
+def test_size_is_width_x_height_and_one_side_takes_the_others_default(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["generate", "a red circle", "--seed", "1", "--size", "96x64", "-o", str(a), *ARGS]) == 0
+    assert Image.open(a).size == (96, 64) and (read_parameters(a)["width"], read_parameters(a)["height"]) == (96, 64)
+    assert main(["generate", "a red circle", "--seed", "1", "--height", "64", "-o", str(b), *ARGS]) == 0
+    assert Image.open(b).size == (128, 64)  # the shipped model's default width
+
+
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_files_keep_the_users_umask(tmp_path, umask, mode):
     old = os.umask(umask)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 import tempfile
 import time
@@ -243,19 +242,16 @@ def format_table(result: dict) -> str:
 
 def main(args) -> int:
     from .device import set_threads
-    from .validate import check_float, check_int
+    from .validate import check_float, check_int, parse_size
     if bool(args.model) == bool(args.preset):
         raise InputError("give a model folder or --preset NAME (random weights), not both and not neither", "model")
-    m = args.size and re.fullmatch(r"(\d+)x(\d+)", args.size)
-    if args.size and not m:
-        raise InputError(f"--size {args.size!r} must be WIDTHxHEIGHT", "size")
+    height, width = parse_size(args.size) if args.size else (1024, 1024)
     check_int("--runs", args.runs, 1, 1000)
     check_int("--steps", args.steps, 1, 1000)
     check_int("--batch", args.batch, 1, 64)
     check_float("--guidance", args.guidance, 0, 50)
     set_threads(args.threads)
-    wl = Workload(int(m.group(2)) if m else 1024, int(m.group(1)) if m else 1024, args.steps, args.guidance,
-                  args.batch, args.i2i)
+    wl = Workload(height, width, args.steps, args.guidance, args.batch, args.i2i)
     result = bench(args.model, args.preset, wl, args.runs, args.device, args.dtype, args.compare_reference,
                    args.bandwidth, args.compile, {"step_cache": args.step_cache, "ar_int8": args.ar_int8})
     print(format_table(result))

@@ -21,30 +21,37 @@ from .validate import InputError
 MAX_CLI_IMAGES = 1000  # --num-images: independent draws, one after another (memory stays that of one)
 
 
-def _model_spec(model: str | None) -> tuple[str, Path | None]:
-    """"random:PRESET" -> (preset, None); a folder -> ("", path); None -> the shipped model."""
+def _model_spec(model: str | None, arg: str = "--model") -> tuple[str, Path | None]:
+    """"random:PRESET" -> (preset, None); a folder -> ("", path); None -> the shipped model. `arg` names the
+    argument the value came from in error messages (--model, or info's PATH)."""
     from .pipeline import DEFAULT_MODEL
+    param = arg.lstrip("-").lower()
     if model and model.startswith("random:"):
         from .config import PRESETS
         preset = model[len("random:"):]
         if preset not in PRESETS:
-            raise InputError(f"--model {model!r}: unknown preset {preset!r}; presets: "
-                             f"{', '.join('random:' + p for p in PRESETS)}", "model")
+            raise InputError(f"{arg} {model!r}: unknown preset {preset!r}; presets: "
+                             f"{', '.join('random:' + p for p in PRESETS)}", param)
         return preset, None
     path = Path(model) if model else DEFAULT_MODEL
     if not (path / "vision_language_encoder").is_dir():
         what = "does not exist" if not path.exists() else "is not a GLM-Image folder (no vision_language_encoder/)"
-        raise InputError(f"--model {str(path)!r} {what}; name the folder of an official or exported model "
-                         "(e.g. the zai-org/GLM-Image download), or random:PRESET", "model")
+        other = "random:PRESET" if arg == "--model" else "an image made by glimage generate"
+        raise InputError(f"{arg} {str(path)!r} {what}; name the folder of an official or exported model "
+                         f"(e.g. the zai-org/GLM-Image download), or {other}", param)
     return "", path
 
 
 def _generate(args) -> int:
     from .image import load_image
-    from .validate import MAX_GUIDANCE, check_float, check_int, check_output_paths, check_seed, check_text
+    from .validate import MAX_GUIDANCE, check_float, check_int, check_output_paths, check_prompt, check_seed, parse_size
 
-    # every check that needs no model runs before any model is loaded
-    prompt = check_text("prompt", args.prompt)
+    # every check that needs no model runs before any model is loaded, and before a fresh seed is announced
+    prompt = check_prompt(args.prompt)
+    if args.size is not None:
+        if args.height is not None or args.width is not None:
+            raise InputError("give --size WxH or --height/--width, not both", "size")
+        args.height, args.width = parse_size(args.size)
     n = check_int("--num-images", args.num_images, 1, MAX_CLI_IMAGES)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     check_seed(seed, n)
@@ -63,8 +70,7 @@ def _generate(args) -> int:
         if torch_only:
             raise InputError(f"{', '.join(torch_only)}: PyTorch backend only (drop it or use --backend torch)",
                              "backend")
-    if folder is not None and (args.height is not None or args.width is not None):
-        _check_size_early(folder, args.height, args.width, bool(sources))
+    _check_size_early(preset, folder, args.height, args.width, sources)
 
     from .device import set_threads
     from .pipeline import GlmImagePipeline
@@ -108,18 +114,25 @@ def _generate(args) -> int:
     return 0
 
 
-def _check_size_early(folder: Path, height, width, image_to_image: bool) -> None:
-    """The size rules of a folder from its JSON files alone, before minutes of weight loading. A side left
-    unset takes the folder's default; without one it is resolved (and checked) by the pipeline."""
+def _check_size_early(preset: str, folder: Path | None, height, width, sources: list) -> None:
+    """The size rules of the model (a folder's JSON files alone, or the preset's config), before minutes of
+    weight loading and before a fresh seed is announced. A side left unset takes the model's default, as the
+    pipeline resolves it (GlmImagePipeline.default_size): the folder's glimage.json, else 1024 within the
+    model's range; for an edit the first source's size, snapped to the grid and the range."""
     from .checkpoint import read_json
-    from .convert.ar import read_ar_config
-    from .validate import check_target_size
+    from .validate import check_target_size, default_size
 
-    defaults = read_json(folder / "glimage.json") if (folder / "glimage.json").is_file() else {}
-    h = height if height is not None else defaults.get("height")
-    w = width if width is not None else defaults.get("width")
-    if h is not None and w is not None:
-        check_target_size(h, w, read_ar_config(folder), text_to_image=not image_to_image)
+    if folder is not None:
+        from .convert.ar import read_ar_config
+        cfg = read_ar_config(folder)
+        defaults = read_json(folder / "glimage.json") if (folder / "glimage.json").is_file() else {}
+    else:
+        from .config import PRESETS
+        cfg, defaults = PRESETS[preset].ar, {}
+    if height is None or width is None:
+        dh, dw = default_size(cfg, defaults, sources[0].size if sources else None)
+        height, width = dh if height is None else height, dw if width is None else width
+    check_target_size(height, width, cfg, text_to_image=not sources)
 
 
 def _info(args) -> int:
@@ -127,7 +140,9 @@ def _info(args) -> int:
     if path is not None and path.is_file():
         return _info_image(path)
     from .pipeline import DEFAULT_MODEL
-    _model_spec(str(path) if path else None)
+    if _model_spec(str(path) if path else None, "PATH")[0]:
+        raise InputError(f"PATH {str(path)!r}: info reads a model folder or an image; random:PRESET has no folder",
+                         "path")
     return _info_folder(path or DEFAULT_MODEL, shipped=path is None)
 
 
@@ -243,11 +258,43 @@ def _fast_args(p: argparse.ArgumentParser) -> None:
                    "reads a quarter of the bytes; other tokens, so another image)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusal of an unknown option names the closest valid one ("did you mean --seed?").
+    Subparsers are of this class too, so `main` has the subcommand's parser report unknown arguments, with
+    the subcommand's usage and options."""
+
+    def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            message += self._hint(message[len(prefix):].split())
+        super().error(message)
+
+    def _hint(self, extras: list[str]) -> str:
+        import difflib
+        options = [o for o in self._option_string_actions if o.startswith("--")]
+        flags = [x.split("=", 1)[0] for x in extras if x[:1] in self.prefix_chars and len(x) > 1]
+        if not flags:  # e.g. glimage generate a red circle
+            return " (quote an argument that contains spaces)"
+        close = {f: difflib.get_close_matches(f, options, n=1, cutoff=0.6) for f in flags}
+        found = [f"{m[0]}" + (f" for {f}" if len(flags) > 1 else "") for f, m in close.items() if m]
+        return f" (did you mean {', '.join(found)}?)" if found else ""
+
+
+def _leaf(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The (sub)parser of the command `args` came from: glimage generate's, glimage eval shapes', ..."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(args, action.dest, None)
+            if name in action.choices:
+                return _leaf(action.choices[name], args)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)  # also after the subcommand, without resetting a --debug before it
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an unexpected error")
-    p = argparse.ArgumentParser(prog="glimage", description="GLM-Image in plain PyTorch")
+    p = Parser(prog="glimage", description="GLM-Image in plain PyTorch")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     p.add_argument("--version", action="version", version=f"glimage {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -264,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="pixels; a multiple of the model's grid: 16 for the "
                    "shipped model, 32 in [512, 2048] for the official one (default: the model's)")
     g.add_argument("--width", type=int, default=None, help="pixels, as --height")
+    g.add_argument("--size", default=None, metavar="WxH", help="width and height in one, e.g. 128x128 (as "
+                   "`glimage bench` and the server take it); instead of --height/--width")
     g.add_argument("--steps", type=int, default=None, help="denoising steps, 1-1000 (default: the model's: 20 "
                    "shipped, 50 official)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 0-50; <= 1 turns "
@@ -284,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_generate)
     i = sub.add_parser("info", help="a model folder (default: the shipped model) or an image's generation "
                        "parameters", parents=[debug])
-    i.add_argument("path", nargs="?", default=None, help="model folder or image file (default: the shipped model)")
+    i.add_argument("path", nargs="?", default=None, metavar="PATH",
+                   help="model folder or image file (default: the shipped model)")
     i.set_defaults(fn=_info)
     # everything after `train` (--help and --set included) goes to glimage.train.cli's own parser; no
     # prefix chars here, else argparse keeps a leading option such as --help out of the REMAINDER
@@ -350,7 +400,10 @@ def run(prog: str, fn, debug: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # reported by the subcommand's parser: its usage, the closest of its options
+        _leaf(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
     debug = getattr(args, "debug", False) or (args.command == "train" and "--debug" in args.args)
     return run(f"glimage {args.command}", lambda: args.fn(args), debug)
 

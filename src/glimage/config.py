@@ -9,6 +9,7 @@ the parity tests build the reference with).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .validate import InputError
@@ -110,9 +111,35 @@ class ARConfig:
     top_p: float = 0.75
 
     @property
-    def size_range(self) -> tuple[int, int | None]:
-        """(smallest, largest) side of a target image; largest None = bounded by the context only."""
-        return (self.min_size if self.min_size is not None else self.grid_factor), self.max_size
+    def size_range(self) -> tuple[int, int]:
+        """(smallest, largest) side of a target image: the folder's stated range, else the largest side of any
+        image whose tokens fit the AR's context (derived, so that every model has one)."""
+        lo = self.min_size if self.min_size is not None else self.grid_factor
+        return lo, self.max_size if self.max_size is not None else self.largest_side(lo)
+
+    def image_tokens(self, height: int, width: int, text_to_image: bool = True) -> int:
+        """Tokens the AR generates for a height x width image: the large grid, the preview grid (text-to-image)
+        and the closing token. Plain arithmetic: a size is refused on it before anything is allocated."""
+        th, tw = height // self.grid_factor, width // self.grid_factor
+        if not text_to_image:
+            return th * tw + 1
+        ph, pw = int(math.sqrt(th / tw) * self.preview_side), int(math.sqrt(tw / th) * self.preview_side)
+        return th * tw + ph * pw + 1
+
+    def largest_side(self, lo: int) -> int:
+        """The longest side (a multiple of grid_factor) of an image that fits the context with a one-token
+        prompt: its other side as short as the preview grid's aspect limit and `lo` allow."""
+        f, limit = self.grid_factor, self.text.max_position_embeddings - 1
+
+        def fits(n: int) -> bool:  # n grid rows, the fewest columns allowed
+            cols = max(-(-lo // f), -(-n // self.preview_side ** 2))
+            return n >= cols and self.image_tokens(n * f, cols * f) <= limit
+
+        good, bad = 0, limit + 1  # the tokens grow with the side: bisect
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if fits(mid) else (good, mid)
+        return max(good, 1) * f
 
     def __post_init__(self):
         if self.vq.num_embeddings > self.image_start_token_id:

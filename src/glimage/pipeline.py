@@ -38,7 +38,7 @@ from .prior import Prior, normalize_images, run_prior
 from .prompt import CHAT_TEMPLATE, GlmTokenizer, target_grids
 from .timing import NO_TIMER
 from .validate import (MAX_GUIDANCE, MAX_IMAGES, MAX_SOURCE_IMAGES, InputError, check_choice, check_float, check_int,
-                       check_prompts, check_seed, check_target_size)
+                       check_prompts, check_seed, check_target_size, default_size)
 
 # The shipped default model (preset `shapes`, trained by scripts/train_shapes.sh): used when no model is named.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes"
@@ -62,7 +62,7 @@ def model_folder(path: str | os.PathLike | None) -> Path:
     if path is None:
         if not (DEFAULT_MODEL / "vision_language_encoder").is_dir():
             raise InputError(f"the default model is missing from the package ({DEFAULT_MODEL}); "
-                             "train it with scripts/train_shapes.sh or name a model folder")
+                             "train it with scripts/train_shapes.sh --replace-shipped or name a model folder")
         path = DEFAULT_MODEL
     path = Path(path)
     if not (path / "vision_language_encoder").is_dir():
@@ -258,21 +258,9 @@ class GlmImagePipeline:
     # -- stages
 
     def default_size(self, images=None) -> tuple[int, int]:
-        """(height, width) when none is given: the folder's default (glimage.json), else 1024 within the
-        model's range; for image-to-image the first source's size, snapped to the grid and the range."""
-        if not images and "height" in self.defaults and "width" in self.defaults:
-            return self.defaults["height"], self.defaults["width"]
-        return self._default_size(images)
-
-    def _default_size(self, images) -> tuple[int, int]:
-        lo, hi = self.ar.cfg.size_range
-        hi = hi if hi is not None else 1 << 30
-        f = self.ar.cfg.grid_factor
-        if images:  # the first source's size, snapped to the grid and the supported range
-            w, h = load_image(images[0][0]).size
-            return (min(max(h // f * f, lo), hi), min(max(w // f * f, lo), hi))
-        side = min(max(1024, lo), hi)
-        return side, side
+        """(height, width) when none is given (validate.default_size): the folder's default, else 1024 within
+        the model's range; for image-to-image the first source's size, snapped to the grid and the range."""
+        return default_size(self.ar.cfg, self.defaults, load_image(images[0][0]).size if images else None)
 
     @torch.no_grad()
     def generate_prior_tokens(self, prompt: str | list[str], height: int, width: int, image=None,
@@ -478,13 +466,13 @@ class GlmImagePipeline:
 
     @torch.no_grad()
     def draw_priors(self, prompts: list[str], height: int, width: int, images: list[list] | None,
-                    seeds: list[int]) -> Prior:
+                    seeds: list[int], should_stop=None) -> Prior:
         """The AR stage for a batch of independent requests: row b samples from its own generator seeded
-        seeds[b], as `pipe(prompts[b], seed=seeds[b])` alone does."""
+        seeds[b], as `pipe(prompts[b], seed=seeds[b])` alone does. should_stop: see generate_grid_tokens."""
         with self._on_device(self.ar) as ar:
             gens = [manual_generator(self.ar_device, s) for s in seeds]
             return run_prior(ar, self.tokenizer, prompts, height, width, images, gens, self.progress,
-                             step=self.decode_step)
+                             step=self.decode_step, should_stop=should_stop)
 
     @property
     def ar_device(self) -> torch.device:

@@ -110,8 +110,7 @@ class PromptBatch:
 
 
 def _new_tokens(height: int, width: int, cfg: ARConfig, t2i: bool) -> int:
-    th, tw, ph, pw = target_grids(height, width, cfg)
-    return th * tw + (ph * pw if t2i else 0) + 1
+    return cfg.image_tokens(height, width, t2i)
 
 
 def layout_text(prompt: str, n_images: int, th: int, tw: int, ph: int, pw: int, tok: GlmTokenizer) -> str:
@@ -132,7 +131,7 @@ def build_prompts(prompts: list[str], height: int, width: int, tok: GlmTokenizer
     th, tw, ph, pw = target_grids(height, width, cfg)
     t2i = len(source_grids[0]) == 0
     grids = [(ph, pw), (th, tw)] if t2i else [(th, tw)]
-    rows, positions, decodes = [], [], []
+    rows = []
     for prompt, sg in zip(prompts, source_grids):
         # expand each <|image|> to its grid's token count (placeholders, replaced by VQ ids later)
         expanded, k = [], 0
@@ -143,14 +142,11 @@ def build_prompts(prompts: list[str], height: int, width: int, tok: GlmTokenizer
                 k += 1
             else:
                 expanded.append(t)
-        pos, nxt = prompt_positions(expanded, sg, tok.image_start_id, tok.image_end_id)
         rows.append(expanded)
-        positions.append(pos)
-        decodes.append(decode_positions(nxt, grids))
     L = max(len(r) for r in rows)
     n_new = sum(h * w for h, w in grids) + 1
     limit = cfg.text.max_position_embeddings
-    if L + n_new > limit:
+    if L + n_new > limit:  # before any position tensor is built: their size is that of the request
         if n_new < limit:
             raise InputError(f"prompt is {L} tokens long; with the {n_new} image tokens to generate that exceeds the "
                              f"model's context of {limit} tokens (at most {limit - n_new} prompt tokens at "
@@ -160,6 +156,11 @@ def build_prompts(prompts: list[str], height: int, width: int, tok: GlmTokenizer
             side += cfg.grid_factor
         raise InputError(f"{height}x{width} needs {n_new} image tokens, beyond the model's context of {limit} tokens "
                          f"(with this {L}-token prompt the largest square is {side}x{side})", "size")
+    positions, decodes = [], []
+    for r, sg in zip(rows, source_grids):
+        pos, nxt = prompt_positions(r, sg, tok.image_start_id, tok.image_end_id)
+        positions.append(pos)
+        decodes.append(decode_positions(nxt, grids))
     B = len(rows)
     input_ids = torch.full((B, L), tok.pad_id, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.long)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -81,20 +82,46 @@ def check_text(name: str, value) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        bad = value[e.start:e.end].encode("utf-8", "surrogateescape")
-        raise InputError(f"{name} is not valid UTF-8: byte(s) {bad.hex(' ')} at character {e.start} of "
-                         f"{_show(value.encode('utf-8', 'surrogateescape'))}; pass text in UTF-8", name) from None
+        try:  # command-line bytes that are not UTF-8: the bytes themselves
+            bad = value[e.start:e.end].encode("utf-8", "surrogateescape")
+            raw = _show(value.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:  # a lone surrogate sent as such (JSON "\\ud800"): no bytes to show
+            raise InputError(f"{name} is not valid Unicode text: lone surrogate U+{ord(value[e.start]):04X} at "
+                             f"character {e.start}; pass text in UTF-8", name) from None
+        raise InputError(f"{name} is not valid UTF-8: byte(s) {bad.hex(' ')} at character {e.start} of {raw}; "
+                         "pass text in UTF-8", name) from None
     if "\x00" in value:
         raise InputError(f"{name} contains a NUL character at {value.index(chr(0))}; remove it", name)
     return value
 
 
-def check_prompts(prompt) -> list[str]:
-    """A prompt or a non-empty list of prompts -> the list."""
+def check_prompt(value, max_chars: int | None = None, name: str = "prompt") -> str:
+    """One prompt, as the CLI, the Python API and the server take it: a string of valid Unicode without NUL
+    (check_text), not empty or only whitespace (the model would draw something unasked for), and at most
+    `max_chars` characters when given."""
+    value = check_text(name, value)
+    if not value.strip():
+        raise InputError(f"{name} is empty{' (only whitespace)' if value else ''}: describe the image to draw", name)
+    if max_chars is not None and len(value) > max_chars:
+        raise InputError(f"{name} is {len(value)} characters long; at most {max_chars}", name)
+    return value
+
+
+def check_prompts(prompt, max_chars: int | None = None) -> list[str]:
+    """A prompt or a non-empty list of prompts -> the list, each one checked by check_prompt."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InputError(f"prompt must be a string or a non-empty list of strings, got {_show(prompt)}", "prompt")
-    return [check_text("prompt", p) for p in prompts]
+    return [check_prompt(p, max_chars) for p in prompts]
+
+
+def parse_size(text, name: str = "--size") -> tuple[int, int]:
+    """"WIDTHxHEIGHT" (OpenAI's order, as `glimage bench`, `glimage generate --size` and the server take it)
+    -> (height, width). Whether the model draws that size is check_target_size's question."""
+    m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", text) if isinstance(text, str) else None
+    if not m:
+        raise InputError(f"{name} {_show(text)} must be WIDTHxHEIGHT in pixels, e.g. 128x128", name.lstrip("-"))
+    return int(m.group(2)), int(m.group(1))
 
 
 def check_seed(seed, count: int = 1) -> int:
@@ -103,24 +130,48 @@ def check_seed(seed, count: int = 1) -> int:
 
 
 def check_target_size(height, width, cfg, text_to_image: bool = True) -> None:
-    """The size of the image to generate, for a model whose ARConfig is `cfg`. Refused only where it cannot
-    work (not a multiple of the grid factor, a preview grid of zero tokens) or where the model folder states
-    a supported range (the official model: Zhipu's [512, 2048], aspect ratio <= 4). The token count against
-    the AR's context is checked with the prompt (prompt.build_prompts)."""
+    """The size of the image to generate, for a model whose ARConfig is `cfg`, by arithmetic alone (nothing
+    is allocated before it passes). Refused where it cannot work: not a multiple of the grid factor, outside
+    the model's range (the folder's stated one, e.g. Zhipu's [512, 2048] for the official model, else the
+    largest side whose tokens fit the AR's context), a preview grid of zero tokens, or more image tokens than
+    the context holds. The prompt's share of the context is checked with the prompt (prompt.build_prompts)."""
     f = cfg.grid_factor
     lo, hi = cfg.size_range
     for name, v in (("height", height), ("width", width)):
         check_int(name, v)
-        if v < lo or v % f or (hi is not None and v > hi):
-            near = min(max(lo, round(v / f) * f), hi if hi is not None else v + f)
-            allowed = f"a multiple of {f} in [{lo}, {hi}]" if hi is not None else f"a multiple of {f}, >= {lo}"
-            raise InputError(f"{name}={v} is not a size this model draws: it must be {allowed} "
-                             f"(e.g. {name}={near})", name)
+        if v < lo or v % f or v > hi:
+            near = min(max(lo, round(v / f) * f), hi)
+            why = "" if cfg.max_size is not None else \
+                f"; {hi} is the longest side whose tokens fit the model's context of {cfg.text.max_position_embeddings}"
+            raise InputError(f"{name}={v} is not a size this model draws: it must be a multiple of {f} in [{lo}, "
+                             f"{hi}] (e.g. {name}={near}){why}", name)
     if text_to_image:
         th, tw = height // f, width // f
         if int(math.sqrt(th / tw) * cfg.preview_side) < 1 or int(math.sqrt(tw / th) * cfg.preview_side) < 1:
             raise InputError(f"{height}x{width} is too elongated: its preview grid would have no tokens "
                              f"(aspect ratio at most {cfg.preview_side ** 2} for this model)", "size")
+    limit = cfg.text.max_position_embeddings
+    need = cfg.image_tokens(height, width, text_to_image)
+    if need >= limit:
+        side = f
+        while cfg.image_tokens(side + f, side + f, text_to_image) < limit:
+            side += f
+        raise InputError(f"{height}x{width} needs {need} image tokens, beyond the model's context of {limit} "
+                         f"tokens (the largest square is {side}x{side})", "size")
+
+
+def default_size(cfg, defaults: dict, source: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(height, width) of an image when the caller gives none. Text-to-image: the folder's default (glimage.json's
+    height and width), else 1024 within the model's range; an edit: its first source's (width, height) snapped
+    to the grid and the range. Shared by the pipeline, the CLI's early checks and the server."""
+    (lo, hi), f = cfg.size_range, cfg.grid_factor
+    if source is not None:
+        w, h = source
+        return min(max(h // f * f, lo), hi), min(max(w // f * f, lo), hi)
+    if "height" in defaults and "width" in defaults:
+        return defaults["height"], defaults["width"]
+    side = min(max(1024, lo), hi)
+    return side, side
 
 
 def check_output_paths(output: str | os.PathLike, count: int) -> list[Path]:
