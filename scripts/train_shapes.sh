@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Trains the shipped default model (preset `shapes`) from scratch with the shapes-* recipes (vae, vae-colour,
 # tokenizer, ar, decoder, vae-decoder), one stage after
-# another, then assembles and stores it where the package looks for it (src/glimage/assets/shapes).
+# another, then assembles and stores it in runs/shapes/model (or $OUT): use it with --model runs/shapes/model.
+# `scripts/train_shapes.sh --replace-shipped` stores it where the package looks for its default model
+# (src/glimage/assets/shapes) instead, replacing the shipped one.
 # Rerunning resumes every stage from its last checkpoint (a finished stage with an export is skipped).
 # The AR and the decoder both start from the tokenizer's export and need nothing from each other, so they
 # train concurrently, one thread each (two busy threads on two cores; set PARALLEL=0 to run them in turn);
@@ -11,7 +13,16 @@
 # Per-stage wall times go to runs/shapes-times.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-src/glimage/assets/shapes}
+SHIPPED=src/glimage/assets/shapes
+OUT=${OUT:-runs/shapes/model}
+for arg in "$@"; do
+  case $arg in
+    --replace-shipped) OUT=$SHIPPED ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "train_shapes.sh: unknown argument $arg (known: --replace-shipped)" >&2; exit 2 ;;
+  esac
+done
+echo "the trained model goes to $OUT$([ "$OUT" = "$SHIPPED" ] && echo ', replacing the shipped model')"
 mkdir -p runs
 times=runs/shapes-times.txt
 : > "$times"
@@ -38,3 +49,4 @@ python -m glimage.train.ship --ar runs/shapes-ar/export --decoder runs/shapes-de
   --vae runs/shapes-vae-decoder/export --out "$OUT" \
   --dtype float16 --defaults height=128 width=128 num_inference_steps=20 guidance_scale=3.0
 echo "total $SECONDS s" | tee -a "$times"
+[ "$OUT" = "$SHIPPED" ] || echo "use it: glimage generate 'a red circle' --model $OUT (--replace-shipped: the default)"

@@ -116,6 +116,8 @@ def test_assemble_takes_the_ar_from_one_export_and_the_rest_from_the_other(tmp_p
     assert (res.images == explicit.images).all()
     with pytest.raises(ValueError, match="unknown default 'steps'"):
         write_defaults(out, ["steps=3"])
+    assert write_defaults(out, ["guidance_scale=2"]) == {"height": 64, "width": 64, "num_inference_steps": 2,
+                                                         "guidance_scale": 2.0}  # the others are kept
     # a VAE whose decoder alone was fine-tuned replaces the decoder export's; any other VAE is refused
     d.vae.decoder.conv_out.bias.data += 1
     d.save_pretrained(tmp_path / "vae_ft")

@@ -381,6 +381,14 @@ def test_bad_batch_split_and_cli(tmp_path, capsys):
     assert "unknown key" in capsys.readouterr().err
 
 
+def test_resume_says_where_it_resumes_from(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_toy(dict(out=str(out), stop_at=2))
+    assert "resuming" not in capsys.readouterr().err
+    run_toy(dict(out=str(out)))
+    assert f"resuming from step 2 ({out / 'ckpt' / 'step_000002'})" in capsys.readouterr().err
+
+
 def test_ema_decay_warms_up():
     from glimage.train.loop import ema_decay
     assert ema_decay(0.999, 1) == pytest.approx(2 / 11)  # early EMA follows the weights closely

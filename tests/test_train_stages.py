@@ -445,7 +445,17 @@ def test_recipes_run_through_the_training_loop(tmp_path):
         base = loop.train(cfg)
         lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in lines] == [1, 2] and all(np.isfinite(x["loss"]) for x in lines)
-    generate(base)
+        # the export's defaults are what its recipe trained and sampled at, not the official 1024x1024, 50 steps
+        assert json.loads((tmp_path / name / "export" / "glimage.json").read_text()) == {
+            "height": cfg.image_size, "width": cfg.image_size, "num_inference_steps": cfg.sample_steps,
+            "guidance_scale": cfg.sample_guidance}
+    assert (cfg.image_size, cfg.sample_steps, cfg.sample_guidance) == (64, load_config("tiny-decoder").sample_steps,
+                                                                       load_config("tiny-decoder").sample_guidance)
+    pipe = generate(base)
+    out = pipe("a red circle", seed=0, output_type="np")  # every generation parameter left to the folder
+    assert out.images.shape == (1, 64, 64, 3)
+    assert {k: out.parameters[k] for k in ("height", "width", "num_inference_steps", "guidance_scale")} == {
+        "height": 64, "width": 64, "num_inference_steps": cfg.sample_steps, "guidance_scale": cfg.sample_guidance}
 
 
 def test_vae_color_augment_greys_some_samples_deterministically():

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -240,6 +241,8 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
     ema = [p.astype(ms.float32).copy() for p in params] if cfg.ema > 0 else None
     ckpt = out / "ckpt-mindspore"
     start = _resume(ckpt, trainer, opt, ema)
+    if start and main:
+        print(f"resuming from step {start} ({ckpt / f'step_{start}'})", file=sys.stderr, flush=True)
 
     dataset = stage.dataset()
     batches = _MicroBatches((plan or BatchPlan)(dataset, cfg.batch_size, cfg.seed), cfg, start, rank, W)

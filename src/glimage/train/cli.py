@@ -14,8 +14,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glimage train", description="train a GLM-Image stage (vae, tokenizer, ar, "
-                                "decoder); rerun the same command to resume")
+    from ..cli import Parser  # an unknown option gets "did you mean ...?"
+    p = Parser(prog="glimage train", description="train a GLM-Image stage (vae, tokenizer, ar, decoder); "
+               "rerun the same command to resume")
     p.add_argument("config", help="a TOML/YAML file or a shipped recipe name (e.g. tiny-ar)")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config key (TOML value syntax), e.g. --set steps=20 lr=3e-4 "

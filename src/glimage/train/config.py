@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..validate import MAX_SEED, InputError, check_choice, check_dataclass, check_float, check_int
+from ..validate import (MAX_GUIDANCE, MAX_SEED, MAX_STEPS, InputError, check_choice, check_dataclass, check_float,
+                        check_int)
 
 try:
     import tomllib
@@ -56,6 +57,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     sample_every: int = 0  # write sample images every N steps (image stages); 0 = only at the end
+    sample_steps: int = 8  # denoising steps of the sample images (ar, decoder stages)
+    sample_guidance: float = 1.5  # their classifier-free guidance scale; with image_size and sample_steps, the
+    # export's generation defaults (glimage.json): the size, steps and guidance it was trained and evaluated at
     tensorboard: bool = True
     # data
     data: str = ""  # image folder with metadata.jsonl, or a directory/glob of .tar shards; "" = a generated shapes set
@@ -107,6 +111,8 @@ class TrainConfig:
         for name in ("cond_drop", "glyph_prior_drop", "glyph_prior_swap"):
             check_float(name, getattr(self, name), 0, 1)
         check_float("lora_alpha", self.lora_alpha, 0, lo_open=True)
+        check_int("sample_steps", self.sample_steps, 1, MAX_STEPS)
+        check_float("sample_guidance", self.sample_guidance, 0, MAX_GUIDANCE)
         if not 0 <= self.stop_at <= self.steps:
             raise InputError(f"stop_at={self.stop_at} must be in [0, steps={self.steps}] (0 = run to the end)")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:

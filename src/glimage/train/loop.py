@@ -33,6 +33,7 @@ import hashlib
 import math
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -250,6 +251,8 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
             meta = ckpt.load(path, state)
             apply_train_state(model, opt, state)
             start, skipped_total = int(meta["step"]), Counter(meta.get("skipped", {}))
+            if d.is_main:
+                print(f"resuming from step {start} ({path})", file=sys.stderr, flush=True)
 
         dataset = stage.dataset()
         batches = _MicroBatches(plan(dataset, cfg.batch_size, cfg.seed), cfg, start, rank, W)

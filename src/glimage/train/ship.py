@@ -10,9 +10,10 @@ the decoder export, after checking that both were trained on the same tokenizer 
 `vqmodel.*` tensors), since a DiT conditioned on one codebook cannot decode another's ids.
 
 `--dtype float16` stores the weights in half precision (the shipped default model: half the bytes); loading
-casts them back to the pipeline's dtype. `--defaults KEY=VALUE ...` writes the folder's generation defaults
-(`glimage.json`: height, width, num_inference_steps, guidance_scale), which the pipeline uses when a call
-leaves them unset.
+casts them back to the pipeline's dtype. The folder's generation defaults (`glimage.json`: height, width,
+num_inference_steps, guidance_scale), which the pipeline uses when a call leaves them unset, are those the
+decoder's export recorded (its recipe's image_size, sample_steps, sample_guidance); `--defaults KEY=VALUE ...`
+overrides some of them.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def cast_folder(folder: str | Path, dtype: torch.dtype) -> None:
 
 
 def write_defaults(folder: str | Path, pairs: list[str]) -> dict:
-    defaults = {}
+    """Set some of the folder's generation defaults; the others keep what its export recorded."""
+    path = Path(folder) / "glimage.json"
+    defaults = read_json(path) if path.is_file() else {}
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key not in DEFAULT_KEYS:

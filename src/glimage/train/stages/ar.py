@@ -221,7 +221,7 @@ class ARStage(StageBase):
                   extra=extra)
 
     @torch.no_grad()
-    def samples(self, model: nn.Module, out_dir: str, step: int, steps: int = 8) -> list[Path]:
+    def samples(self, model: nn.Module, out_dir: str, step: int, steps: int | None = None) -> list[Path]:
         """Images of SAMPLE_PROMPTS: this AR (LoRA merged) with the base folder's decoder and VAE."""
         from ...pipeline import GlmImagePipeline
         pipe = (GlmImagePipeline.from_pretrained(self.cfg.base, device="cpu", dtype=torch.float32) if self.cfg.base
@@ -234,6 +234,7 @@ class ARStage(StageBase):
         pipe.ar.eval()
         pipe.set_progress_bar_config(disable=True)
         size = self.cfg.image_size
-        images = [pipe(p, height=size, width=size, num_inference_steps=steps, seed=self.cfg.seed + i).images[0]
-                  for i, p in enumerate(SAMPLE_PROMPTS)]
+        steps = steps if steps is not None else self.cfg.sample_steps
+        images = [pipe(p, height=size, width=size, num_inference_steps=steps, guidance_scale=self.cfg.sample_guidance,
+                       seed=self.cfg.seed + i).images[0] for i, p in enumerate(SAMPLE_PROMPTS)]
         return save_images(images, out_dir, step, list(SAMPLE_PROMPTS))

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ...checkpoint import CheckpointError, load_strict, read_json, read_state_dict
+from ...checkpoint import CheckpointError, load_strict, read_json, read_state_dict, write_json
 from ...config import ARConfig, GlmImageConfig, get_preset, replace
 from ...convert.ar import from_official as ar_from_official
 from ...convert.ar import read_ar_config
@@ -262,6 +262,13 @@ def _link_or_copy(src: str, dst: str) -> str:
     return shutil.copy2(src, dst)
 
 
+def generation_defaults(cfg: TrainConfig) -> dict:
+    """What an export's glimage.json records, so that the pipeline's defaults are the size, steps and guidance
+    the run trained and drew its samples at (not the official model's 1024x1024, 50 steps)."""
+    return {"height": cfg.image_size, "width": cfg.image_size, "num_inference_steps": cfg.sample_steps,
+            "guidance_scale": cfg.sample_guidance}
+
+
 def export_folder(cfg: TrainConfig, model_cfg: GlmImageConfig, out_dir: str | os.PathLike,
                   replaced: tuple[str, ...], write: Callable[[Path], None]) -> Path:
     """A complete GLM-Image folder at out_dir: the base with the `replaced` subfolders written by `write(tmp)`."""
@@ -280,6 +287,7 @@ def export_folder(cfg: TrainConfig, model_cfg: GlmImageConfig, out_dir: str | os
     write(tmp)
     if not (tmp / "model_index.json").is_file():
         raise CheckpointError(f"export of {out} is incomplete: no model_index.json")
+    write_json(tmp / "glimage.json", generation_defaults(cfg))  # not the base's: this run's
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
