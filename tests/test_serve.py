@@ -62,7 +62,7 @@ CASES = {
     "unknown field": (GEN, dict(json={"prompt": "x", "colour": "red"}), 400, "'colour'"),
     "prompt missing": (GEN, dict(json={"n": 1}), 400, "prompt is required"),
     "prompt not a string": (GEN, dict(json={"prompt": 5}), 400, "prompt must be a string"),
-    "prompt empty": (GEN, dict(json={"prompt": " "}), 400, "between 1 and 4000"),
+    "prompt empty": (GEN, dict(json={"prompt": " "}), 400, "prompt is empty"),
     "prompt too long": (GEN, dict(json={"prompt": "x" * 4001}), 400, "4001 characters"),
     "n a string": (GEN, dict(json={"prompt": "x", "n": "two"}), 400, "n='two'"),
     "n too large": (GEN, dict(json={"prompt": "x", "n": 9}), 400, "n=9"),
@@ -229,7 +229,7 @@ def test_loading_answers_503_then_serves(pipe, monkeypatch):
 
 
 def test_full_queue_429_and_deadline_504(pipe):
-    app = create_app(Settings(max_queue=1, limits=Limits(timeout=1.0)), Served("m", pipe))
+    app = create_app(Settings(max_queue=1, limits=Limits(timeout=1.0, max_cost=100)), Served("m", pipe))
     with TestClient(app) as c:
         slow = {}
         t = threading.Thread(target=lambda: slow.update(r=c.post(GEN, json={"prompt": "a red circle",

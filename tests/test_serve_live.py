@@ -57,7 +57,7 @@ def stop(proc: subprocess.Popen) -> int:
 
 @pytest.fixture(scope="module")
 def server():
-    proc, url = start("--api-key", KEY)
+    proc, url = start("--api-key", KEY, "--max-cost", "1000")  # the disconnect test's 1000 steps cost 50
     yield url
     assert stop(proc) == 0
 
@@ -183,11 +183,12 @@ def test_sigterm_drains_a_running_request():
 
 def test_a_client_that_goes_away_is_dropped(server):
     """A stream closed after its first event: the server stops that request (nothing left admitted soon after),
-    long before its 2000 steps would end."""
+    long before its 1000 steps would end."""
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", f"{server}/v1/images/generations", headers=headers, timeout=60,
                       json={"prompt": "a red circle", "stream": True, "progress_events": True,
-                            "num_inference_steps": 2000}) as r:
+                            "num_inference_steps": 1000}) as r:
+        assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data:"):
                 break  # closing the response drops the connection
@@ -205,6 +206,17 @@ def test_non_loopback_without_a_key_refuses_to_start():
     r = subprocess.run([sys.executable, "-m", "glimage.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--allow-no-key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_port_in_use_fails_before_the_banner():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "glimage.cli", "serve", "--port", str(port)], capture_output=True,
+                           text=True, timeout=60)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "glimage serve: http" not in r.stdout and "Traceback" not in r.stderr
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -21,13 +21,14 @@ from PIL import Image, UnidentifiedImageError
 from .validate import MAX_SOURCE_PIXELS, InputError
 
 
-def load_image(image, name: str = "image") -> Image.Image:
+def load_image(image, name: str = "image", formats: tuple[str, ...] | None = None) -> Image.Image:
     """A PIL image, a path, encoded bytes (an upload) or an (H, W[, C]) uint8 array -> an RGB PIL image.
 
     Refused with a clear error: a missing file, a directory, data that is not an image, a truncated file, and
     anything above MAX_SOURCE_PIXELS (checked from the header, before the pixels are decoded). Transparency is
     composited onto white, as the reference's image processor does; 16-bit and float greyscale are scaled
-    to 8 bits (PIL's plain conversion clips them, and the reference then sees a white image).
+    to 8 bits (PIL's plain conversion clips them, and the reference then sees a white image). `formats`
+    limits the file formats PIL may try (a server takes PNG, JPEG and WebP: no other decoder is reached).
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -35,9 +36,9 @@ def load_image(image, name: str = "image") -> Image.Image:
             raise InputError(f"{name} {str(path)!r} is a directory, not an image file", name)
         if not path.exists():
             raise InputError(f"{name} {str(path)!r}: no such file", name)
-        image = _decode(path, f"{name} {str(path)!r}", name)
+        image = _decode(path, f"{name} {str(path)!r}", name, formats)
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        image = _decode(io.BytesIO(bytes(image)), name, name)
+        image = _decode(io.BytesIO(bytes(image)), name, name, formats)
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise InputError(f"{name}: an array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4), got "
@@ -57,10 +58,18 @@ def _check_pixels(size: tuple[int, int], what: str, param: str) -> None:
                          f"{MAX_SOURCE_PIXELS / 1e6:.0f} Mpx (e.g. 8192x8192): downscale it first", param)
 
 
-def _decode(src, what: str, param: str) -> Image.Image:
+def image_size(data: bytes, name: str, formats: tuple[str, ...] | None = None) -> tuple[int, int]:
+    """(width, height) of encoded image bytes from the header alone: the format and pixel count are checked,
+    no pixel is decoded."""
+    return _decode(io.BytesIO(data), name, name, formats, load=False)
+
+
+def _decode(src, what: str, param: str, formats=None, load: bool = True):
     try:
-        with Image.open(src) as im:
+        with Image.open(src, formats=formats) as im:
             _check_pixels(im.size, what, param)  # from the header: nothing decoded yet
+            if not load:
+                return im.size
             im.load()
             return im.copy()
     except Image.DecompressionBombError as e:  # PIL refuses to open it: its message has the pixel count only
@@ -71,7 +80,10 @@ def _decode(src, what: str, param: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         if isinstance(e, InputError):
             raise
-        reason = "not an image file PIL can read" if isinstance(e, UnidentifiedImageError) else f"broken image ({e})"
+        reason = f"broken image ({e})"
+        if isinstance(e, UnidentifiedImageError):
+            names = " or ".join([", ".join(formats[:-1]), formats[-1]] if len(formats) > 1 else formats) if formats else ""
+            reason = f"not an image in {names} format" if formats else "not an image file PIL can read"
         raise InputError(f"cannot read {what}: {reason}", param) from None
 
 

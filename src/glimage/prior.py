@@ -69,7 +69,7 @@ def tokenize_sources(model: GlmImageAR, images: list[list]) -> list[list[torch.T
 
 def run_prior(model: GlmImageAR, tok: GlmTokenizer, prompts: list[str], height: int, width: int,
               images: list[list] | None, generator: torch.Generator, progress: bool = True,
-              timer=NO_TIMER, step=None) -> Prior:
+              timer=NO_TIMER, step=None, should_stop=None) -> Prior:
     cfg = model.cfg
     check_target_size(height, width, cfg, text_to_image=not images)
     with timer("ar_vit"):
@@ -83,7 +83,7 @@ def run_prior(model: GlmImageAR, tok: GlmTokenizer, prompts: list[str], height: 
             raise InputError(f"prompt has {int(slots.sum())} image slots for {flat.numel()} image tokens")
         batch.input_ids = batch.input_ids.masked_scatter(slots, flat)
     tokens = generate_grid_tokens(model, batch, cfg.temperature, cfg.top_k, cfg.top_p, generator, progress, timer,
-                                  step)
+                                  step, should_stop)
     th, tw = batch.large_grid
     large = tokens[:, batch.large_offset: batch.large_offset + th * tw]
     src_up = [[upsample_ids(g.reshape(1, -1), *g.shape)[0] for g in row] for row in src] if src else None

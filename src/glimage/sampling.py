@@ -17,6 +17,10 @@ from .timing import NO_TIMER
 from .validate import InputError
 
 
+class Interrupted(Exception):
+    """The caller's should_stop() asked the AR loop to stop (nobody waits for its tokens any more)."""
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if not temperature > 0:
         raise InputError(f"temperature={temperature} must be > 0 (greedy decoding repeats itself on this model)")
@@ -84,11 +88,12 @@ def static_step(model, tok: torch.Tensor, position_ids: torch.Tensor, key_valid:
 @torch.no_grad()
 def generate_grid_tokens(model, batch: PromptBatch, temperature: float, top_k: int, top_p: float,
                          generator: torch.Generator | list[torch.Generator] | None = None,
-                         progress: bool = True, timer=NO_TIMER, step=None) -> torch.Tensor:
+                         progress: bool = True, timer=NO_TIMER, step=None, should_stop=None) -> torch.Tensor:
     """Prefill the prompt, then sample every grid token. Returns (B, n_grid) ids, generation order.
 
     step: None = the eager loop (the cache read up to the current length); else a function like static_step
-    (or its torch.compile) that decodes one token with static shapes; the draws are the same."""
+    (or its torch.compile) that decodes one token with static shapes; the draws are the same.
+    should_stop: called before each token (a server's deadlines and cancellations); True raises Interrupted."""
     check_sampling(temperature, top_k, top_p)
     device = model.device
     ids = batch.input_ids.to(device)
@@ -109,6 +114,8 @@ def generate_grid_tokens(model, batch: PromptBatch, temperature: float, top_k: i
     positions = torch.arange(L, L + n_grid, device=device)  # a 0-dim view per step: no host-to-device copy
     with timer("ar_decode"):
         for i in tqdm(range(n_grid), desc="AR tokens", disable=not progress, leave=False):
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped at AR token {i} of {n_grid}")
             tok = sample(logits[:, -1], temperature, top_k, top_p, n_valid, generator)
             out[:, i] = tok
             if i == n_grid - 1:

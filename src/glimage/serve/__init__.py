@@ -12,7 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-from ..validate import InputError, check_float, check_int
+from ..validate import MAX_SOURCE_PIXELS, InputError, check_float, check_int
 
 
 def api_keys(keys: list[str] | None, key_file: str | None) -> tuple[str, ...]:
@@ -32,10 +32,13 @@ def api_keys(keys: list[str] | None, key_file: str | None) -> tuple[str, ...]:
 
 
 def main(args) -> int:
+    import logging
+
     import uvicorn
 
     from .api import Limits
     from .app import Settings, create_app, is_loopback
+    from .connections import AcceptErrors, connection_limit, guarded_protocol, raise_fd_limit
 
     check_int("--port", args.port, 0, 65535)
     check_int("--max-queue", args.max_queue, 1, 100000)
@@ -43,6 +46,14 @@ def main(args) -> int:
     check_int("--max-n", args.max_n, 1, 64)
     check_float("--timeout", args.timeout, 1, 86400)
     check_float("--max-body-mb", args.max_body_mb, 0.01, 4096)
+    check_float("--header-timeout", args.header_timeout, 0.5, 3600)
+    check_float("--body-timeout", args.body_timeout, 0.5, 3600)
+    check_int("--max-connections", args.max_connections, 8, 10**6)
+    if args.max_cost is not None:
+        check_float("--max-cost", args.max_cost, 0, 10**6, lo_open=True)
+    check_float("--max-source-mpx", args.max_source_mpx, 0.001, 4096)
+    if args.public_url is not None and not args.public_url.startswith(("http://", "https://")):
+        raise InputError(f"--public-url {args.public_url!r} must start with http:// or https://", "public_url")
     keys = api_keys(args.api_key, args.api_key_file)
     if not keys and not is_loopback(args.host) and not args.allow_no_key:
         raise InputError(f"--host {args.host} is reachable from other machines and no API key is set: give "
@@ -53,23 +64,48 @@ def main(args) -> int:
     settings = Settings(model=args.model, api_keys=keys, max_queue=args.max_queue, max_batch=args.max_batch,
                         batch_wait=args.batch_wait_ms / 1000, device=args.dit_device or args.device,
                         ar_device=args.ar_device, dtype=args.dtype, offload=args.offload, threads=args.threads,
-                        url_ttl=args.url_ttl, compile=args.compile,
-                        fast={"step_cache": args.step_cache, "ar_int8": args.ar_int8}, cors_origins=tuple(args.cors_origin or ()),
+                        url_ttl=args.url_ttl, compile=args.compile, public_url=args.public_url,
+                        fast={"step_cache": args.step_cache, "ar_int8": args.ar_int8},
+                        cors_origins=tuple(args.cors_origin or ()), body_timeout=args.body_timeout,
                         limits=Limits(max_n=args.max_n, max_body_bytes=int(args.max_body_mb * 2**20),
-                                      timeout=args.timeout))
+                                      timeout=args.timeout, max_cost=args.max_cost,
+                                      max_source_pixels=int(args.max_source_mpx * 1e6)))
     if settings.device:
         from ..device import resolve_device
         resolve_device(settings.device)
         if settings.ar_device:
             resolve_device(settings.ar_device)
+    sock = listen(args.host, args.port)  # a port in use fails here, before the banner
+    fds = raise_fd_limit()
+    conns = connection_limit(args.max_connections, fds)
     app = create_app(settings)
+    logging.getLogger("asyncio").addFilter(AcceptErrors())
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout,
+                            access_log=args.log_level == "debug",
+                            http=guarded_protocol(conns, args.header_timeout))
     # uvicorn drains on SIGTERM, then re-raises it under the handler found at start: a drained server exits 0
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    print(f"glimage serve: http://{args.host}:{args.port}/ (API /v1/images/generations, /v1/images/edits; "
-          f"{'key required' if keys else 'no key'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout, access_log=args.log_level == "debug")
+    host, port = sock.getsockname()[:2]
+    print(f"glimage serve: http://{args.host}:{port}/ (API /v1/images/generations, /v1/images/edits; "
+          f"{'key required' if keys else 'no key'}; at most {conns} connections)", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int):
+    """A listening socket on host:port, or an InputError saying why not (a port in use, an unknown host)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e} (--host/--port)", "port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def add_parser(sub) -> None:
@@ -81,8 +117,9 @@ def add_parser(sub) -> None:
     s.add_argument("model", nargs="?", default=None, help="model folder or random:PRESET (default: the shipped model)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable); also $GLIMAGE_API_KEYS")
-    s.add_argument("--api-key-file", default=None, help="file with one accepted key per line")
+    s.add_argument("--api-key", action="append", help="accepted Bearer key, at least 8 characters (repeatable); "
+                   "also $GLIMAGE_API_KEYS")
+    s.add_argument("--api-key-file", default=None, help="file with one accepted key (8+ characters) per line")
     s.add_argument("--allow-no-key", action="store_true", help="serve a non-loopback --host without any key")
     s.add_argument("--max-queue", type=int, default=16, help="requests admitted at once (waiting or running); more "
                    "are answered 429 with Retry-After (default 16)")
@@ -94,6 +131,20 @@ def add_parser(sub) -> None:
                    "(504 after; default 600)")
     s.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body, uploads included (413 "
                    "above; default 25)")
+    s.add_argument("--max-cost", type=float, default=None, help="largest request, in images at the model's default "
+                   "size and steps: n x steps/default x pixels/default (400 above; default: --max-n)")
+    s.add_argument("--max-source-mpx", type=float, default=MAX_SOURCE_PIXELS / 1e6, help="megapixels of an edit's "
+                   "source images together, read from their headers before decoding (400 above; default "
+                   f"{MAX_SOURCE_PIXELS / 1e6:.1f}: one 8192x8192)")
+    s.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's "
+                   "headers (408 and closed after; default 10)")
+    s.add_argument("--body-timeout", type=float, default=60.0, help="seconds a request's body has to arrive after "
+                   "its headers (408 after; default 60)")
+    s.add_argument("--max-connections", type=int, default=1000, help="open connections at most, kept below the "
+                   "descriptor limit (raised to its hard limit at start); beyond it the longest wait for headers is "
+                   "closed (default 1000)")
+    s.add_argument("--public-url", default=None, help="base URL of `url` answers, e.g. https://images.example.com "
+                   "behind a reverse proxy (default: the address the request came to)")
     s.add_argument("--url-ttl", type=float, default=3600.0, help="seconds a `url` answer stays valid (default 3600)")
     s.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (repeatable; "
                    "default: none)")

@@ -2,7 +2,8 @@
 stream events.
 
 The checks are glimage.validate's (those of the CLI and the Python API), plus the server's own limits (n,
-prompt length, number and pixels of source images). Fields OpenAI defines that GLM-Image cannot honour are
+prompt length, number, formats and total pixels of source images, and the request's cost). All of them are
+arithmetic on the fields and on the uploads' headers: a request is refused before any of its work is done. Fields OpenAI defines that GLM-Image cannot honour are
 refused with a 400 that says so (a mask, a transparent background, a quality level), never ignored; the
 extensions vLLM-Omni defines (`seed`, `num_inference_steps`, `guidance_scale`, sent by the official client
 through `extra_body`) are accepted, and `progress_events` (glimage's) adds per-step progress to a stream.
@@ -17,11 +18,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from ..image import load_image, smart_resize
+from ..image import image_size, load_image, smart_resize
 from ..outputs import encode_image
 from ..prompt import build_prompts
 from ..validate import (MAX_GUIDANCE, MAX_SOURCE_IMAGES, MAX_SOURCE_PIXELS, InputError, check_choice, check_float,
-                        check_int, check_seed, check_target_size, check_text)
+                        check_int, check_prompt, check_seed, check_target_size, default_size)
+
+FORMATS = ("PNG", "JPEG", "WEBP")  # what edits take: PIL's other decoders (EPS through Ghostscript...) are never tried
 
 COMMON = {"prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "user", "stream",
           "partial_images", "quality", "background", "safety_identifier",
@@ -49,9 +52,17 @@ class Limits:
     max_n: int = 8
     max_prompt_chars: int = 4000
     max_images: int = MAX_SOURCE_IMAGES
-    max_pixels: int = MAX_SOURCE_PIXELS
+    max_pixels: int = MAX_SOURCE_PIXELS  # one source image
+    max_source_pixels: int = MAX_SOURCE_PIXELS  # all of a request's source images together (decoded RGB: 3 B/px)
+    # A request's cost in images at the model's default size and steps: n * steps / default steps * pixels /
+    # default pixels. None: max_n (max_n default images, the most a request could ask for at the defaults).
+    max_cost: float | None = None
     max_body_bytes: int = 25 * 2**20
     timeout: float = 600.0  # seconds a request may take, queue included
+
+    @property
+    def cost(self) -> float:
+        return float(self.max_n) if self.max_cost is None else self.max_cost
 
 
 @dataclass
@@ -70,7 +81,9 @@ class Spec:
     stream: bool = False
     partial_images: int = 0
     progress: bool = False
-    images: list = field(default_factory=list)
+    images: list = field(default_factory=list)  # decoded source images (PIL), set once the request is admitted
+    sources: list = field(default_factory=list)  # their (width, height), from the uploads' headers
+    cost: float = 0.0  # in default images (Limits.max_cost)
     text_tokens: int = 0
     image_tokens: int = 0  # source images' VQ tokens read by the AR
     output_tokens: int = 0  # grid tokens the AR writes per image
@@ -110,24 +123,22 @@ def precheck(body: dict, kind: str) -> None:
                        "mask); send the image and describe the change", "mask", "unsupported_parameter")
 
 
-def parse(body: dict, kind: str, model, limits: Limits, images: list | None = None) -> Spec:
+def parse(body: dict, kind: str, model, limits: Limits, sources: list | None = None) -> Spec:
     """Check a request's fields (JSON or multipart) against the API and the model; `model` is the served
-    model (app.Served: id, pipeline). Raises ApiError(400/404) naming the field and what is allowed."""
+    model (app.Served: id, pipeline); `sources` the (width, height) of an edit's uploads (from their headers).
+    Raises ApiError(400/404/422) naming the field and what is allowed."""
     precheck(body, kind)
     try:
-        return _parse(body, kind, model, limits, images or [])
+        return _parse(body, kind, model, limits, sources or [])
     except InputError as e:
         raise ApiError(400, str(e), e.param, "invalid_value") from None
 
 
-def _parse(body: dict, kind: str, model, limits: Limits, images: list) -> Spec:
+def _parse(body: dict, kind: str, model, limits: Limits, sources: list) -> Spec:
     pipe = model.pipe
     if "prompt" not in body:
         raise InputError("prompt is required", "prompt")
-    prompt = check_text("prompt", body["prompt"])
-    if not prompt.strip() or len(prompt) > limits.max_prompt_chars:
-        raise InputError(f"prompt has {len(prompt)} characters; between 1 and {limits.max_prompt_chars} are "
-                         "accepted", "prompt")
+    prompt = check_prompt(body["prompt"], limits.max_prompt_chars)  # the CLI's and the Python API's rule
     if body.get("model") not in (None, "", model.id, "glm-image"):
         raise ApiError(404, f"model {body['model']!r} is not served here; GET /v1/models lists {model.id!r}", "model",
                        "model_not_found")
@@ -154,10 +165,9 @@ def _parse(body: dict, kind: str, model, limits: Limits, images: list) -> Spec:
         if body.get(key) is not None and (not isinstance(body[key], str) or len(body[key]) > 256):
             raise InputError(f"{key} must be a string of at most 256 characters", key)
     if kind == "edit":
-        if not images:
+        if not sources:
             raise InputError("an edit needs at least one source image (field image or image[])", "image")
-        if len(images) > limits.max_images:
-            raise InputError(f"{len(images)} source images; at most {limits.max_images}", "image")
+        check_sources(sources, limits)
     defaults = pipe.defaults
     steps = body.get("num_inference_steps")
     steps = check_int("num_inference_steps", defaults.get("num_inference_steps", 50) if steps is None else steps, 1,
@@ -167,21 +177,46 @@ def _parse(body: dict, kind: str, model, limits: Limits, images: list) -> Spec:
                            MAX_GUIDANCE)
     seed = body.get("seed")
     seed = check_seed(seed, n) if seed is not None else secrets.randbelow(2**32)
-    height, width = _size(body.get("size"), pipe, images)
+    height, width = _size(body.get("size"), pipe, sources)
     cfg = pipe.ar.cfg
-    check_target_size(height, width, cfg, text_to_image=not images)
+    check_target_size(height, width, cfg, text_to_image=not sources)
+    cost = request_cost(n, steps, height, width, pipe)
+    if cost > limits.cost:
+        dh, dw = pipe.default_size()
+        raise ApiError(400, f"this request costs {cost:.3g} images at the model's defaults (n={n} x "
+                       f"{steps}/{defaults.get('num_inference_steps', 50)} steps x {width}x{height} / {dw}x{dh} px); "
+                       f"the server takes at most {limits.cost:g} per request: lower n, num_inference_steps or size",
+                       None, "request_too_costly")
     grids = []
-    for i, im in enumerate(images):
+    for i, (w, h) in enumerate(sources):
         try:
-            grids.append(_source_grid(im, cfg))
+            grids.append(_source_grid(w, h, cfg))
         except InputError as e:  # a readable image this model cannot use (too small, too elongated)
             raise ApiError(422, f"image {i}: {e}", "image", "unusable_image") from None
     batch = build_prompts([prompt], height, width, pipe.tokenizer, cfg, [grids] if grids else None)  # fits the context?
     image_tokens = sum(h * w for h, w in grids)
     generated = sum(h * w for h, w in batch.grids)
     return Spec(kind, prompt, n, height, width, steps, guidance, seed, response_format, output_format, compression,
-                stream, partial_images, _bool(body, "progress_events"), images,
+                stream, partial_images, _bool(body, "progress_events"), [], list(sources), cost,
                 int(batch.attention_mask.sum()) - image_tokens, image_tokens, generated)
+
+
+def request_cost(n: int, steps: int, height: int, width: int, pipe) -> float:
+    """Work in images at the model's default size and steps (the AR's tokens and the DiT's work per step grow
+    with the pixels, the DiT's with the steps)."""
+    dh, dw = pipe.default_size()
+    return n * steps / pipe.defaults.get("num_inference_steps", 50) * height * width / (dh * dw)
+
+
+def check_sources(sources: list, limits: Limits) -> None:
+    """The uploads' count and pixels (each, and all together), from their headers: before anything is decoded."""
+    if len(sources) > limits.max_images:
+        raise InputError(f"{len(sources)} source images; at most {limits.max_images}", "image")
+    total = sum(w * h for w, h in sources)
+    if total > limits.max_source_pixels:
+        sizes = ", ".join(f"{w}x{h}" for w, h in sources)
+        raise InputError(f"the source images have {total / 1e6:.1f} Mpx together ({sizes}); this server decodes at "
+                         f"most {limits.max_source_pixels / 1e6:.1f} Mpx per request: downscale them", "image")
 
 
 def _bool(body: dict, key: str) -> bool:
@@ -193,10 +228,10 @@ def _bool(body: dict, key: str) -> bool:
     return value
 
 
-def _size(size, pipe, images) -> tuple[int, int]:
+def _size(size, pipe, sources) -> tuple[int, int]:
     """(height, width) of "WIDTHxHEIGHT", or the model's default ("auto": an edit takes its first source's)."""
     if size in (None, "", "auto"):
-        return pipe.default_size([images] if images else None)
+        return default_size(pipe.ar.cfg, pipe.defaults, sources[0] if sources else None)
     m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size) if isinstance(size, str) else None
     if not m:
         h, w = pipe.default_size()
@@ -204,20 +239,25 @@ def _size(size, pipe, images) -> tuple[int, int]:
     return int(m.group(2)), int(m.group(1))
 
 
-def _source_grid(image, cfg) -> tuple[int, int]:
-    h, w = smart_resize(image.height, image.width, cfg.vision.patch_size, cfg.source_min_pixels,
-                        cfg.source_max_pixels, cfg.max_aspect_ratio)
+def _source_grid(width: int, height: int, cfg) -> tuple[int, int]:
+    h, w = smart_resize(height, width, cfg.vision.patch_size, cfg.source_min_pixels, cfg.source_max_pixels,
+                        cfg.max_aspect_ratio)
     return h // cfg.vision.patch_size, w // cfg.vision.patch_size
 
 
-def read_upload(data: bytes, name: str, limits: Limits):
-    """An uploaded source image -> RGB PIL (InputError for non-images, truncated files and bombs)."""
+def probe_upload(data: bytes, name: str, limits: Limits) -> tuple[int, int]:
+    """An upload's (width, height) from its header: PNG, JPEG or WebP, within the pixel limit; nothing decoded."""
     if len(data) == 0:
         raise InputError(f"{name} is empty", "image")
-    image = load_image(data, name)
-    if image.width * image.height > limits.max_pixels:
-        raise InputError(f"{name} is {image.width}x{image.height}; at most {limits.max_pixels / 1e6:.0f} Mpx", "image")
-    return image
+    w, h = image_size(data, name, FORMATS)
+    if w * h > limits.max_pixels:
+        raise InputError(f"{name} is {w}x{h}; at most {limits.max_pixels / 1e6:.0f} Mpx", "image")
+    return w, h
+
+
+def read_upload(data: bytes, name: str):
+    """An uploaded source image (probed already) -> RGB PIL (InputError for truncated or broken files)."""
+    return load_image(data, name, FORMATS)
 
 
 # -- answers

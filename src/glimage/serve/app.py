@@ -3,7 +3,10 @@
 Routes: POST /v1/images/generations (JSON), POST /v1/images/edits (multipart), GET /v1/models,
 GET /v1/images/files/{id} (the `url` answers: unguessable, expiring), GET /health, GET /metrics, GET / (page).
 Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with the fitting status, so the
-official client raises its matching exception; a bad request is never a 500.
+official client raises its matching exception; a bad request is never a 500. A request's cost is bounded
+before its work starts (api.parse: sizes, cost, the uploads' headers), an edit's images are decoded only once
+it is admitted, and deadlines hold in every stage (engine.py); guard.py is what every request goes through,
+connections.py what every connection does.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from . import api
 from .api import ApiError, Limits, Spec
 from .engine import Busy, Engine, Unavailable
 from .engine import Request as Job
+from .forms import Part, read_form
+from .guard import Guard
 from .metrics import Metrics
 
 log = logging.getLogger("glimage.serve")
@@ -58,7 +63,9 @@ class Settings:
     threads: int | str = "auto"
     url_ttl: float = 3600.0
     url_cache_bytes: int = 512 * 2**20
+    public_url: str | None = None  # base of `url` answers (behind a proxy); None: this request's own address
     cors_origins: tuple[str, ...] = ()
+    body_timeout: float = 60.0  # seconds for a request's body to arrive once its headers have
     limits: Limits = field(default_factory=Limits)
 
 
@@ -175,18 +182,21 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(Guard, max_body=settings.limits.max_body_bytes, metrics=metrics)
+    app.add_middleware(Guard, max_body=settings.limits.max_body_bytes, body_timeout=settings.body_timeout,
+                       metrics=metrics)
+    decoding = asyncio.Semaphore(1)  # source images decode one request at a time: memory stays that of one
 
-    def error(e: ApiError) -> JSONResponse:
-        metrics.reject({400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
-                        415: "unsupported_media_type", 429: "queue_full", 503: "unavailable",
-                        504: "timeout"}.get(e.status, "error"))
-        return JSONResponse(e.body(), e.status, headers=e.headers)
+    def error(e: ApiError) -> Response:
+        metrics.reject({400: "bad_request", 401: "unauthorized", 404: "not_found", 408: "body_timeout",
+                        413: "too_large", 415: "unsupported_media_type", 422: "unusable_image", 429: "queue_full",
+                        503: "unavailable", 504: "timeout"}.get(e.status, "error"))
+        return Response(json.dumps(e.body(), ensure_ascii=True), e.status, headers=e.headers,
+                        media_type="application/json")
 
     app.add_exception_handler(ApiError, lambda request, e: error(e))
     app.add_exception_handler(HTTPException, lambda request, e: error(ApiError(
-        e.status_code, {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on "
-                        f"{request.url.path}"}.get(e.status_code, str(e.detail)), code="not_found")))
+        e.status_code, {404: f"no route {request.url.path[:200]}", 405: f"{request.method} is not allowed on "
+                        f"{request.url.path[:200]}"}.get(e.status_code, str(e.detail)), code="not_found")))
 
     def authorize(request: Request) -> None:
         if not settings.api_keys:
@@ -206,7 +216,7 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
 
     # -- the page and the small routes
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
         return Response((STATIC / "index.html").read_bytes(), media_type="text/html; charset=utf-8",
                         headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
@@ -234,7 +244,8 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
     @app.get("/metrics")
     async def metrics_route(request: Request):
         authorize(request)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        body = await asyncio.to_thread(metrics.render)  # off the event loop: a scrape never stalls serving
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -257,14 +268,11 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
         s, engine = engine_or_503()
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise ApiError(415, "send the request as application/json", None, "unsupported_media_type")
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
+        body = await asyncio.to_thread(read_json, await request.body())
         spec = await asyncio.to_thread(api.parse, body, "generate", s, settings.limits)
-        return await run(request, spec, s, engine)
+        job, events = new_job(spec)
+        admit(job, engine)
+        return await run(request, spec, job, events, s, engine)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request):
@@ -274,15 +282,11 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
             raise ApiError(415, "send an edit as multipart/form-data (image or image[] files, prompt, ...)", None,
                            "unsupported_media_type")
         lim = settings.limits
-        try:
-            form = await request.form(max_files=lim.max_images + 2, max_fields=64, max_part_size=lim.max_body_bytes)
-        except HTTPException as e:
-            raise ApiError(400, f"the multipart body is not readable: {e.detail}", None, "invalid_multipart") from None
         body, uploads = {}, []
-        for key, value in form.multi_items():
-            if hasattr(value, "read"):  # an uploaded file
+        for key, value in await read_form(request, max_fields=64, max_files=lim.max_images + 2):
+            if isinstance(value, Part):  # an uploaded file
                 if key in ("image", "image[]"):
-                    uploads.append((value.filename or key, await value.read()))
+                    uploads.append((value.filename or key, bytes(value.data)))
                     continue
                 value = "<file>"
             elif key in ("image", "image[]"):
@@ -293,27 +297,51 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
         api.precheck(body, "edit")
         if len(uploads) > lim.max_images:
             raise ApiError(400, f"{len(uploads)} source images; at most {lim.max_images}", "image", "invalid_value")
-        try:
-            images = await asyncio.to_thread(lambda: [api.read_upload(data, f"image {i} ({name})", lim)
-                                                      for i, (name, data) in enumerate(uploads)])
+        try:  # formats and pixels from the headers: nothing is decoded before the request is admitted
+            sizes = [api.probe_upload(data, f"image {i} ({name})", lim) for i, (name, data) in enumerate(uploads)]
         except InputError as e:
             raise ApiError(400, str(e), "image", "invalid_image") from None
-        spec = await asyncio.to_thread(api.parse, body, "edit", s, lim, images)
-        return await run(request, spec, s, engine)
+        spec = await asyncio.to_thread(api.parse, body, "edit", s, lim, sizes)
+        job, events = new_job(spec)
+        admit(job, engine)
+        try:
+            async with decoding:
+                images = await asyncio.to_thread(lambda: [api.read_upload(data, f"image {i} ({name})")
+                                                          for i, (name, data) in enumerate(uploads)])
+        except InputError as e:
+            engine.cancel(job, "failed")
+            raise ApiError(400, str(e), "image", "invalid_image") from None
+        except BaseException:
+            engine.cancel(job, "failed")
+            raise
+        job.images = images
+        del uploads, images  # the job holds the images, and nothing holds them once it is answered
+        return await run(request, spec, job, events, s, engine)
 
-    async def run(request: Request, spec: Spec, s: Served, engine: Engine):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = Job(spec.prompt, spec.height, spec.width, spec.steps, spec.guidance, spec.seed, spec.n, spec.images,
+    def new_job(spec: Spec) -> tuple[Job, asyncio.Queue]:
+        """The engine's request, and the queue its events arrive in (from the engine's threads), from the moment
+        it is admitted: an error while it is still being prepared (a drain) reaches the client too."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(spec.prompt, spec.height, spec.width, spec.steps, spec.guidance, spec.seed, spec.n, [],
                   spec.partial_images, spec.progress, time.monotonic() + settings.limits.timeout,
                   lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        return job, events
+
+    def admit(job: Job, engine: Engine) -> None:
         try:
-            engine.submit(job)
+            engine.reserve(job)
         except Busy as e:
             raise ApiError(429, str(e), None, "rate_limit_exceeded", "requests",
                            {"Retry-After": str(e.retry_after)}) from None
         except Unavailable as e:
             raise ApiError(503, str(e), None, "unavailable", "server_error", {"Retry-After": "5"}) from None
+
+    def base_url(request: Request) -> str:
+        return settings.public_url.rstrip("/") + "/" if settings.public_url else str(request.base_url)
+
+    async def run(request: Request, spec: Spec, job: Job, events: asyncio.Queue, s: Served, engine: Engine):
+        engine.enqueue(job)
+        request.scope["glimage.trim"] = True  # Guard: give freed pages back once the answer is sent
 
         def params(seed: int) -> dict:
             return {"prompt": spec.prompt, "seed": seed, "height": spec.height, "width": spec.width,
@@ -341,7 +369,7 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
                     data = await encoded(ev)
                     url = None
                     if spec.response_format == "url":
-                        url = f"{request.base_url}v1/images/files/{urls.put(data, MEDIA[spec.output_format])}." \
+                        url = f"{base_url(request)}v1/images/files/{urls.put(data, MEDIA[spec.output_format])}." \
                               f"{spec.output_format}"
                     results[ev["index"]] = api.image_object(data, spec, url)
                 elif ev["event"] == "error":
@@ -394,47 +422,18 @@ def model_object(s: Served) -> dict:
                         "min_side": lo, "max_side": hi}}
 
 
-class Guard:
-    """Pure ASGI middleware: refuses bodies over `max_body` (413, also when the length is not announced), counts
-    answers by endpoint and status, and marks every answer nosniff."""
-
-    def __init__(self, app, max_body: int, metrics: Metrics):
-        self.app, self.max_body, self.metrics = app, max_body, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await self._too_large(scope, send)
-        seen = 0
-        status = {}
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:  # a body longer than announced, or chunked: answered by the ApiError handler
-                    raise ApiError(413, f"the request body is larger than {self.max_body / 2**20:.0f} MiB", None,
-                                   "request_too_large")
-            return message
-
-        async def counted(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
-            await send(message)
-
-        await self.app(scope, limited, counted)
-        path = scope["path"] if scope["path"].startswith(("/v1/images/generations", "/v1/images/edits")) else "other"
-        self.metrics.requests.labels(path, str(status.get("code", 0))).inc()
-
-    async def _too_large(self, scope, send):
-        self.metrics.reject("too_large")
-        e = ApiError(413, f"the request body is larger than {self.max_body / 2**20:.0f} MiB", None, "request_too_large")
-        await JSONResponse(e.body(), 413)(scope, None, send)
+def read_json(raw: bytes) -> dict:
+    """A request body as a JSON object; anything else (nested past the recursion limit, a number past
+    Python's 4300 digits, invalid UTF-8) is a 400, never a 500."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else \
+            "a number has more than 4300 digits" if "digits" in str(e) else str(e)[:200]
+        raise ApiError(400, f"the body is not valid JSON: {why}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
+    return body
 
 
 def is_loopback(host: str) -> bool:

@@ -7,14 +7,15 @@ worker threads, as vLLM-Omni and SGLang run GLM-Image (only prior-token ids cros
     admit -> [AR queue] -> AR worker: prompts -> prior ids, glyph embeddings       (batch k+1)
           -> [DiT queue] -> DiT worker: reference K/V, Euler loop with CFG, VAE   (batch k, at the same time)
 
-Each worker takes the oldest waiting item and up to max_batch - 1 more that share its shape (AR: size and
-source-image sizes; DiT: size, steps, CFG on/off, glyph length, reference length), so that a batch needs no
-padding the item would not have alone. Every item keeps its own generators (AR sampler and noise, seeded
+Each worker takes the waiting item whose request has had the fewest images taken by that stage so far (the
+oldest among equals: one large request cannot make a later small one wait for all of its images) and up to
+max_batch - 1 more that share its shape (AR: size and source-image sizes; DiT: size, steps, CFG on/off,
+glyph length, reference length), so that a batch needs no padding the item would not have alone. Every item keeps its own generators (AR sampler and noise, seeded
 like the CLI's), so a request served alone gives the CLI's image bit for bit; batched with others, what
 changes is measured by scripts/bench_serve.py and stated in the README.
 
-Cancellation (a client gone, a deadline passed) drops an item from its queue or from the running batch at the
-next denoising step. drain() stops admission and lets admitted requests finish. Events go to each request's
+Cancellation (a client gone, a deadline passed) drops an item from its queue, from the running AR batch at its
+next token, or from the running DiT batch at its next denoising step. drain() stops admission and lets admitted requests finish. Events go to each request's
 `sink` (called from the worker threads): partial, progress, image, error, done.
 """
 
@@ -33,6 +34,7 @@ from PIL import Image
 from ..models.dit import RefKV
 from ..pipeline import GlmImagePipeline, to_pil
 from ..prior import Prior
+from ..sampling import Interrupted
 from ..validate import InputError
 
 log = logging.getLogger("glimage.serve")
@@ -68,6 +70,10 @@ class Request:
     reason: str = ""  # why it was cancelled: "disconnected", "timeout", "shutdown", "failed"
     admitted_at: float = 0.0
     left: int = 0  # images not yet delivered
+    taken: dict = field(default_factory=dict)  # stage -> images of this request that stage has taken
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) > self.deadline
 
     def cancel(self, reason: str) -> None:
         if not self.cancelled.is_set():
@@ -127,7 +133,8 @@ class Engine:
         self.dit_queue: list[Item] = []
         self.admitted: set[Request] = set()
         self.state = "ready"
-        self.seconds_per_image = 1.0  # running estimate of the DiT stage's time per image, for Retry-After
+        self.image_interval = None  # running estimate of the seconds between delivered images, for Retry-After
+        self.last_delivery = None
         self.threads: list[threading.Thread] = []
 
     # -- admission
@@ -140,17 +147,36 @@ class Engine:
             self.threads.append(t)
 
     def submit(self, req: Request) -> None:
+        self.reserve(req)
+        self.enqueue(req)
+
+    def reserve(self, req: Request) -> None:
+        """Admit a request (a place in the bounded queue) before its expensive preparation (decoding source
+        images): refused with Busy (429) or Unavailable (503) before any of that work is done."""
         with self.lock:
             if self.state != "ready":
                 raise Unavailable(f"the server is {self.state}")
             if len(self.admitted) >= self.max_queue:
-                waiting = sum(r.left for r in self.admitted)
-                raise Busy(max(1, min(60, math.ceil(waiting * self.seconds_per_image))))
+                raise Busy(self.retry_after())
             req.admitted_at, req.left = time.monotonic(), req.n
             self.admitted.add(req)
+            self._gauges()
+
+    def enqueue(self, req: Request) -> None:
+        """Queue the images of a reserved request for the AR stage."""
+        with self.lock:
+            if req not in self.admitted or req.cancelled.is_set():
+                return
             self.ar_queue.extend(Item(req, i, req.seed + i) for i in range(req.n))
             self._gauges()
             self.lock.notify_all()
+
+    def retry_after(self) -> int:
+        """Seconds until a place in the queue frees: until the admitted request with the fewest images left
+        finishes, the stages sharing their time fairly among the admitted requests. Call with the lock held."""
+        interval = self.image_interval if self.image_interval is not None else 1.0
+        fewest = min((r.left for r in self.admitted), default=0)
+        return max(1, min(60, math.ceil(fewest * len(self.admitted) * interval)))
 
     def cancel(self, req: Request, reason: str) -> None:
         """Drop a request: its items leave the queues, or the running batch at its next denoising step."""
@@ -200,15 +226,16 @@ class Engine:
 
     # -- batching
 
-    def _take(self, queue: list[Item], key, cap: int) -> list[Item] | None:
-        """Wait for work; return the oldest live item and up to cap - 1 more of its shape (FIFO)."""
+    def _take(self, queue: list[Item], key, cap: int, stage: str) -> list[Item] | None:
+        """Wait for work; return the live item whose request this stage has served least (oldest first among
+        equals) and up to cap - 1 more of its shape, in the same order."""
         waited = False
         with self.lock:
             while True:
                 if self.state == "stopped":
                     return None
                 now = time.monotonic()
-                for it in [it for it in queue if it.req.cancelled.is_set() or now > it.req.deadline]:
+                for it in [it for it in queue if it.req.cancelled.is_set() or it.req.expired(now)]:
                     queue.remove(it)
                     if not it.req.cancelled.is_set():
                         self._fail(it.req, 504, "the request's deadline passed while it waited", "timeout")
@@ -221,10 +248,12 @@ class Engine:
                     waited = True  # once: let a burst's other requests arrive
                     self.lock.wait(timeout=self.batch_wait)
                     continue
-                k = key(queue[0])
-                batch = [it for it in queue if key(it) == k][:cap]
+                order = sorted(queue, key=lambda it: it.req.taken.get(stage, 0))  # stable: FIFO among equals
+                k = key(order[0])
+                batch = [it for it in order if key(it) == k][:cap]
                 for it in batch:
                     queue.remove(it)
+                    it.req.taken[stage] = it.req.taken.get(stage, 0) + 1
                 self._gauges()
                 return batch
 
@@ -232,25 +261,31 @@ class Engine:
 
     def _ar_loop(self) -> None:
         torch.set_grad_enabled(False)  # per thread; and some kernels differ with grad on (SDPA on the CPU)
-        while (batch := self._take(self.ar_queue, Item.ar_key, self.max_batch)) is not None:
-            t0 = time.monotonic()
-            for it in batch:
-                self.metrics.observe("queue", t0 - it.req.admitted_at)
-            try:
-                self._run_ar(batch)
-            except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server
-                self._batch_failed(batch, e)
-                continue
-            self.metrics.observe("ar", time.monotonic() - t0)
-            with self.lock:
-                self.dit_queue.extend(it for it in batch if not it.req.cancelled.is_set())
-                self.lock.notify_all()
+        while (batch := self._take(self.ar_queue, Item.ar_key, self.max_batch, "ar")) is not None:
+            self._ar_batch(batch)
+            batch = None  # nothing of a finished batch (its source images) stays alive while the loop waits
+
+    def _ar_batch(self, batch: list[Item]) -> None:
+        t0 = time.monotonic()
+        for it in batch:
+            self.metrics.observe("queue", t0 - it.req.admitted_at)
+        try:
+            self._run_ar(batch)
+        except Interrupted:  # every request of the batch was cancelled or timed out meanwhile
+            return
+        except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server
+            self._batch_failed(batch, e)
+            return
+        self.metrics.observe("ar", time.monotonic() - t0)
+        with self.lock:
+            self.dit_queue.extend(it for it in batch if not it.req.cancelled.is_set())
+            self.lock.notify_all()
 
     def _run_ar(self, batch: list[Item]) -> None:
         r0 = batch[0].req
         images = [it.req.images for it in batch] if r0.images else None
         prior = self.pipe.draw_priors([it.req.prompt for it in batch], r0.height, r0.width, images,
-                                      [it.seed for it in batch])
+                                      [it.seed for it in batch], lambda: self._stop_ar(batch))
         for b, it in enumerate(batch):
             it.prior = prior.ids[b:b + 1]
             if images:
@@ -258,19 +293,25 @@ class Engine:
             # glyphs per prompt (T5 runs per prompt anyway): their length is part of the DiT's batch key
             it.glyph, it.neg = self.pipe.encode_text([it.req.prompt], it.req.guidance > 1)
 
+    def _stop_ar(self, batch: list[Item]) -> bool:
+        """Between AR tokens: fail the requests whose deadline passed; stop once no row has a listener."""
+        now = time.monotonic()
+        for it in batch:
+            if it.req.expired(now) and not it.req.cancelled.is_set():
+                self._fail(it.req, 504, "the request's deadline passed while its AR tokens were drawn", "timeout")
+        return all(it.req.cancelled.is_set() for it in batch)
+
     # -- the DiT stage
 
     def _dit_loop(self) -> None:
         torch.set_grad_enabled(False)
         cap = math.ceil(self.max_batch / self.lanes)
-        while (batch := self._take(self.dit_queue, Item.dit_key, cap)) is not None:
-            t0 = time.monotonic()
+        while (batch := self._take(self.dit_queue, Item.dit_key, cap, "dit")) is not None:
             try:
                 self._run_dit(batch)
             except Exception as e:  # noqa: BLE001
                 self._batch_failed(batch, e)
-                continue
-            self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * (time.monotonic() - t0) / len(batch)
+            batch = None
 
     @torch.no_grad()
     def _run_dit(self, batch: list[Item]) -> None:
@@ -294,7 +335,7 @@ class Engine:
             now = time.monotonic()
             keep = []
             for row, it in enumerate(live):
-                if now > it.req.deadline and not it.req.cancelled.is_set():
+                if it.req.expired(now) and not it.req.cancelled.is_set():
                     self._fail(it.req, 504, f"the request's deadline passed at denoising step {i + 1}", "timeout")
                 if not it.req.cancelled.is_set():
                     keep.append(row)
@@ -318,6 +359,8 @@ class Engine:
         t1 = time.monotonic()
         self.metrics.observe("dit", t1 - t0)
         for row, it in enumerate(live):
+            if it.req.expired() and not it.req.cancelled.is_set():
+                self._fail(it.req, 504, "the request's deadline passed before its image was decoded", "timeout")
             if it.req.cancelled.is_set():
                 continue
             # one image at a time, as a batch of one decodes it: the same pixels, and far less memory
@@ -330,8 +373,15 @@ class Engine:
         req.emit({"event": "image", "index": it.index, "image": image, "seed": it.seed})
         self.metrics.image_done()
         with self.lock:
+            now = time.monotonic()
+            if self.last_delivery is not None:  # the stages had work since the last image: their pace
+                gap = now - self.last_delivery
+                self.image_interval = gap if self.image_interval is None else 0.7 * self.image_interval + 0.3 * gap
             req.left -= 1
             done = req.left == 0
+            if done:
+                req.images = []  # no stage reads them any more: freed now, not when the answer is collected
+            self.last_delivery = now if any(r.left > 0 for r in self.admitted) else None
         if done:
             self.metrics.observe("total", time.monotonic() - req.admitted_at)
             req.emit({"event": "done"})
