@@ -299,3 +299,9 @@ def test_api_refuses_a_decompression_bomb_before_decoding(pipe, tmp_path):
         pipe("x", image=png_header_only(tmp_path / "b.png", 15000, 15000), height=64, width=64)
     with pytest.raises(InputError, match=r"is 10000x9000 = 90.0 Mpx"):
         pipe("x", image=png_header_only(tmp_path / "c.png", 10000, 9000).read_bytes(), height=64, width=64)
+
+
+def test_output_piped_into_head_is_not_a_bug():
+    r = subprocess.run(f"{sys.executable} -m glimage.cli info | head -1", shell=True, capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.count("\n") == 1 and "error" not in r.stderr, r.stderr

@@ -173,8 +173,9 @@ def _info_folder(root: Path, shipped: bool) -> int:
     print(f"{root}" + ("  (the model shipped with glimage, used when no --model is given)" if shipped else ""))
     print(f"  AR: {cfg.text.num_hidden_layers} layers x {cfg.text.hidden_size}, visual head "
           f"{cfg.text.vision_vocab_size}, ViT {cfg.vision.depth} x {cfg.vision.hidden_size}, codebook {cfg.vq.num_embeddings}")
-    print(f"  sizes: multiples of {cfg.grid_factor} px, " + (f"from {lo} to {hi}" if hi else f"at least {lo} "
-          "(bounded by the AR's context)"))
+    print(f"  sizes: multiples of {cfg.grid_factor} px from {lo} to {hi}" + (
+        "" if cfg.max_size is not None else f" (the longest side whose tokens fit the AR's context of "
+        f"{cfg.text.max_position_embeddings})"))
     size = f"{defaults['width']}x{defaults['height']}" if "height" in defaults else "1024x1024 (clamped to the sizes)"
     print(f"  defaults: {size}, {defaults['num_inference_steps']} steps, guidance {defaults['guidance_scale']}")
     total = 0
@@ -391,6 +392,9 @@ def run(prog: str, fn, debug: bool = False) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `glimage info | head`: the reader is done, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as e:  # noqa: BLE001 - the one place that turns a bug into a short message
         if debug:
             raise
