@@ -24,8 +24,16 @@ def test_bench_against_the_reference(tmp_path, capsys):
 
 
 def test_bench_refuses_bad_arguments(capsys):
-    assert main(["bench"]) == 2 and "--preset" in capsys.readouterr().err
+    assert main(["bench", "src/glimage/assets/shapes", "--preset", "tiny"]) == 2 and "not both" in capsys.readouterr().err
     assert main(["bench", "--preset", "tiny", "--size", "big"]) == 2 and "--size 'big'" in capsys.readouterr().err
+    assert main(["bench", "--size", "1024x1024"]) == 2 and "context of 1024" in capsys.readouterr().err  # before loading
+
+
+def test_bench_without_arguments_times_the_shipped_model_at_its_own_defaults(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--runs", "1", "--steps", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "128x128, 2 steps, CFG 3.0" in capsys.readouterr().out and result["ours"]["end_to_end_s"] > 0
 
 
 def test_loading_builds_on_meta_without_initialising():

@@ -3,8 +3,9 @@
     glimage bench [MODEL | --preset NAME] [--size WxH] [--steps N] [--guidance G] [--batch B] [--i2i]
                   [--runs N] [--compare-reference] [--json FILE]
 
-A model folder, or a preset with random weights built directly on the device in the chosen dtype
-(`--preset glm-image` times the full-size model on a GPU without a download). After a warm-up, each run draws
+A model folder (default: the shipped model, at its own size, steps and guidance), or a preset with random
+weights built directly on the device in the chosen dtype (`--preset glm-image` times the full-size model on a
+GPU without a download). After a warm-up, each run draws
 the same image(s) with the same seed through `GlmImagePipeline.__call__` (what the CLI runs) and a Timer
 records its stages: AR prefill and decode, glyph encoding, DiT, VAE. With --compare-reference the reference
 (transformers + diffusers, when installed) loads the same weights and the two take turns run by run, so that
@@ -243,16 +244,21 @@ def format_table(result: dict) -> str:
 def main(args) -> int:
     from .device import set_threads
     from .validate import check_float, check_int, parse_size
-    if bool(args.model) == bool(args.preset):
-        raise InputError("give a model folder or --preset NAME (random weights), not both and not neither", "model")
-    height, width = parse_size(args.size) if args.size else (1024, 1024)
+    if args.model and args.preset:
+        raise InputError("give a model folder or --preset NAME (random weights), not both", "model")
+    height, width, steps, guidance, model = workload_defaults(args.model, args.preset, args.i2i)
+    if args.size:
+        height, width = parse_size(args.size)
+    steps = steps if args.steps is None else args.steps
+    guidance = guidance if args.guidance is None else args.guidance
     check_int("--runs", args.runs, 1, 1000)
-    check_int("--steps", args.steps, 1, 1000)
     check_int("--batch", args.batch, 1, 64)
-    check_float("--guidance", args.guidance, 0, 50)
     set_threads(args.threads)
-    wl = Workload(height, width, args.steps, args.guidance, args.batch, args.i2i)
-    result = bench(args.model, args.preset, wl, args.runs, args.device, args.dtype, args.compare_reference,
+    check_float("--guidance", guidance, 0, 50)
+    check_int("--steps", steps, 1, 1000)
+    wl = Workload(height, width, steps, guidance, args.batch, args.i2i)
+    _check_workload(model, args.preset, wl)
+    result = bench(model, args.preset, wl, args.runs, args.device, args.dtype, args.compare_reference,
                    args.bandwidth, args.compile, {"step_cache": args.step_cache, "ar_int8": args.ar_int8})
     print(format_table(result))
     if args.json:
@@ -260,14 +266,46 @@ def main(args) -> int:
     return 0
 
 
+def workload_defaults(model: str | None, preset: str | None, i2i: bool) -> tuple[int, int, int, float, str | None]:
+    """(height, width, steps, guidance, model folder) a bench runs when not told: the model's own (its
+    glimage.json; the shipped model without --model or --preset), else 1024 within its range, 50 steps, 1.5."""
+    from .checkpoint import read_json
+    from .cli import _model_spec
+    from .config import PRESETS
+    from .convert.ar import read_ar_config
+    from .pipeline import CALL_DEFAULTS
+    from .validate import default_size
+    if preset:
+        if preset not in PRESETS:
+            raise InputError(f"--preset {preset!r}: unknown; presets: {', '.join(PRESETS)}", "preset")
+        cfg, defaults = PRESETS[preset].ar, {}
+    else:
+        _, folder = _model_spec(model)
+        cfg, model = read_ar_config(folder), str(folder)
+        defaults = read_json(folder / "glimage.json") if (folder / "glimage.json").is_file() else {}
+    defaults = {**CALL_DEFAULTS, **defaults}
+    height, width = default_size(cfg, defaults, (1024, 1024) if i2i else None)
+    return height, width, defaults["num_inference_steps"], defaults["guidance_scale"], model
+
+
+def _check_workload(model: str | None, preset: str | None, wl: Workload) -> None:
+    """The size against the model before anything is built or loaded."""
+    from .config import PRESETS
+    from .convert.ar import read_ar_config
+    from .validate import check_target_size
+    cfg = PRESETS[preset].ar if preset else read_ar_config(model)
+    check_target_size(wl.height, wl.width, cfg, text_to_image=not wl.i2i)
+
+
 def add_parser(sub) -> None:
     from .cli import _device_args
     b = sub.add_parser("bench", help="time a fixed workload stage by stage (optionally against the reference)")
-    b.add_argument("model", nargs="?", default=None, help="model folder (or --preset for random weights)")
+    b.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped model), or --preset")
     b.add_argument("--preset", default=None, help="random weights of a preset: tiny, mid, shapes, glm-image")
-    b.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 1024x1024)")
-    b.add_argument("--steps", type=int, default=50)
-    b.add_argument("--guidance", type=float, default=1.5)
+    b.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's; 1024x1024 within its range "
+                   "for a preset)")
+    b.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; 50)")
+    b.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's; 1.5)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--i2i", action="store_true", help="image-to-image (one source image per prompt)")
     b.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default 3)")
