@@ -163,6 +163,14 @@ def tensor_headers(folder: str | os.PathLike) -> dict[str, tuple[tuple[int, ...]
     return out
 
 
+def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The dtype most of a component folder's weights are stored in (from the headers), None if unknown."""
+    from collections import Counter
+    kinds = Counter(dtype for _, dtype in tensor_headers(folder).values())
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    return names.get(kinds.most_common(1)[0][0]) if kinds else None
+
+
 def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> nn.Module:
     """Assign `state_dict` to `model` (built on meta or not); every key used, none missing, shapes equal."""
     expected = model.state_dict(keep_vars=True)

@@ -307,8 +307,16 @@ MID = replace(TINY, **{"ar.text.hidden_size": 512, "ar.text.intermediate_size": 
 
 OFFICIAL_SIZE_RANGE = (512, 2048)  # Zhipu's supported sides for the published model
 
+OFFICIAL = GlmImageConfig(ar=ARConfig(min_size=OFFICIAL_SIZE_RANGE[0], max_size=OFFICIAL_SIZE_RANGE[1]))
+# The official model at its real widths (every width, vocabulary, codebook, rope setting, VAE and processor
+# range) but 2 layers per stack: ~1.9 B parameters, so that speed at the widths users run can be measured and
+# compared with the reference on a CPU (`glimage bench --preset slice --compare-reference`).
+SLICE = replace(OFFICIAL, **{"ar.text.num_hidden_layers": 2, "ar.vision.depth": 2, "glyph.num_layers": 2,
+                             "dit.num_layers": 2})
+
 PRESETS: dict[str, GlmImageConfig] = {
-    "glm-image": GlmImageConfig(ar=ARConfig(min_size=OFFICIAL_SIZE_RANGE[0], max_size=OFFICIAL_SIZE_RANGE[1])),
+    "glm-image": OFFICIAL,
+    "slice": SLICE,
     "tiny": TINY,
     "mid": MID,
     "shapes": SHAPES,

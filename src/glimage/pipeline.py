@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import read_json, write_json
+from .checkpoint import read_json, stored_dtype, write_json
 from .config import GlmImageConfig, SchedulerConfig, get_preset
 from .convert.ar import load_ar, save_ar
 from .convert.scheduler import scheduler_from_official, scheduler_to_official
@@ -118,7 +118,7 @@ class GlmImagePipeline:
         self.decode_step = None  # None: the eager AR decode; enable_compile() sets a compiled static-shape step
         self.fast: dict = {}  # opt-in fast modes in effect (enable_fast): not the exact path
 
-    def _tune_for_cpu(self) -> None:
+    def _tune_for_cpu(self) -> None:  # the layouts measured fastest per dtype (device.column_major_linears)
         column_major_linears(self.ar.language_model)
         column_major_linears(self.ar.lm_head)
         # oneDNN's convolutions run ~1.2x faster channels-last (decoded pixels within 3e-5 of NCHW)
@@ -145,7 +145,7 @@ class GlmImagePipeline:
             return MindSporePipeline.from_pretrained(path, device, dtype, offload, ar_device)
         path = model_folder(path)
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
+        dtype = resolve_dtype(dtype, device, stored_dtype(path / "vision_language_encoder"))
         load_to = torch.device("cpu") if offload else device
         ar_to = load_to if offload or ar_device is None else resolve_device(ar_device)
         pipe = cls(load_ar(path, ar_to, dtype), GlmTokenizer.from_folder(path / "processor"),
