@@ -31,6 +31,7 @@ from glimage.serve.app import Served, Settings, create_app  # noqa: E402
 from glimage.serve.engine import Engine, Request  # noqa: E402
 from glimage.serve.memory import rss_bytes  # noqa: E402
 from glimage.validate import InputError, check_target_size  # noqa: E402
+from test_serve import run_engine, wait_for  # noqa: E402 - the engine helpers of the server's other tests
 
 GEN, EDIT = "/v1/images/generations", "/v1/images/edits"
 
@@ -177,23 +178,6 @@ def test_the_ar_loop_stops_when_asked(pipe):
     with pytest.raises(Interrupted, match="at AR token 5 of"):
         generate_grid_tokens(pipe.ar, batch, 0.9, 50, 0.75, torch.Generator().manual_seed(0), False,
                              should_stop=lambda: calls.append(1) or len(calls) > 5)
-
-
-def run_engine(pipe, requests, **kw):
-    engine = Engine(pipe, **kw)
-    out = {id(r): [] for r in requests}
-    for r in requests:
-        r.sink = out[id(r)].append
-        engine.submit(r)
-    engine.start()
-    return engine, out
-
-
-def wait_for(cond, seconds=60):
-    end = time.monotonic() + seconds
-    while not cond() and time.monotonic() < end:
-        time.sleep(0.01)
-    assert cond()
 
 
 def test_a_deadline_passing_during_the_ar_ends_it_there(pipe):

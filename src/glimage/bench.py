@@ -54,6 +54,11 @@ def load(model: str | None, preset: str | None, device, dtype):
     t0 = time.perf_counter()
     if preset:
         pipe = GlmImagePipeline.from_config(preset, seed=0, device=device, dtype=dtype)
+        # A trained AR never predicts the head's ids past the codebook (image start/end); random weights would,
+        # and the reference, which samples over the whole head, then indexes past its DiT's codebook. Zero rows
+        # score 0, never among the top-k of thousands of random logits: both sides draw codebook ids only.
+        with torch.no_grad():
+            pipe.ar.lm_head.weight[pipe.ar.cfg.vq.num_embeddings:] = 0
     else:
         pipe = GlmImagePipeline.from_pretrained(model, device=device, dtype=dtype)
     synchronize(pipe.device)
@@ -297,9 +302,10 @@ def _check_workload(model: str | None, preset: str | None, wl: Workload) -> None
     check_target_size(wl.height, wl.width, cfg, text_to_image=not wl.i2i)
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, parents=()) -> None:
     from .cli import _device_args
-    b = sub.add_parser("bench", help="time a fixed workload stage by stage (optionally against the reference)")
+    b = sub.add_parser("bench", help="time a fixed workload stage by stage (optionally against the reference)",
+                       parents=list(parents))
     b.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped model), or --preset")
     b.add_argument("--preset", default=None, help="random weights of a preset: tiny, mid, shapes, glm-image")
     b.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's; 1024x1024 within its range "

@@ -108,10 +108,10 @@ def listen(host: str, port: int):
     return sock
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, parents=()) -> None:
     from ..cli import _device_args
 
-    s = sub.add_parser("serve", help="an OpenAI-compatible image server with a web page",
+    s = sub.add_parser("serve", help="an OpenAI-compatible image server with a web page", parents=list(parents),
                        description="Serve a model over the OpenAI Images API (POST /v1/images/generations, "
                        "/v1/images/edits), with a web page at / and Prometheus metrics at /metrics.")
     s.add_argument("model", nargs="?", default=None, help="model folder or random:PRESET (default: the shipped model)")
