@@ -82,8 +82,10 @@ def _decode(src, what: str, param: str, formats=None, load: bool = True):
             raise
         reason = f"broken image ({e})"
         if isinstance(e, UnidentifiedImageError):
-            names = " or ".join([", ".join(formats[:-1]), formats[-1]] if len(formats) > 1 else formats) if formats else ""
-            reason = f"not an image in {names} format" if formats else "not an image file PIL can read"
+            reason = "not an image file PIL can read"
+            if formats:
+                names = " or ".join([", ".join(formats[:-1]), formats[-1]] if len(formats) > 1 else formats)
+                reason = f"not an image in {names} format"
         raise InputError(f"cannot read {what}: {reason}", param) from None
 
 

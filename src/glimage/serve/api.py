@@ -3,8 +3,9 @@ stream events.
 
 The checks are glimage.validate's (those of the CLI and the Python API), plus the server's own limits (n,
 prompt length, number, formats and total pixels of source images, and the request's cost). All of them are
-arithmetic on the fields and on the uploads' headers: a request is refused before any of its work is done. Fields OpenAI defines that GLM-Image cannot honour are
-refused with a 400 that says so (a mask, a transparent background, a quality level), never ignored; the
+arithmetic on the fields and on the uploads' headers: a request is refused before any of its work is done.
+Fields OpenAI defines that GLM-Image cannot honour are refused with a 400 that says so (a mask, a transparent
+background, a quality level), never ignored; the
 extensions vLLM-Omni defines (`seed`, `num_inference_steps`, `guidance_scale`, sent by the official client
 through `extra_body`) are accepted, and `progress_events` (glimage's) adds per-step progress to a stream.
 """

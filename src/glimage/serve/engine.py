@@ -10,13 +10,16 @@ worker threads, as vLLM-Omni and SGLang run GLM-Image (only prior-token ids cros
 Each worker takes the waiting item whose request has had the fewest images taken by that stage so far (the
 oldest among equals: one large request cannot make a later small one wait for all of its images) and up to
 max_batch - 1 more that share its shape (AR: size and source-image sizes; DiT: size, steps, CFG on/off,
-glyph length, reference length), so that a batch needs no padding the item would not have alone. Every item keeps its own generators (AR sampler and noise, seeded
-like the CLI's), so a request served alone gives the CLI's image bit for bit; batched with others, what
-changes is measured by scripts/bench_serve.py and stated in the README.
+glyph length, reference length), so that a batch needs no padding the item would not have alone. Every item
+keeps its own generators (AR sampler and noise, seeded like the CLI's), so a request served alone gives the
+CLI's image bit for bit; batched with others, what changes is measured by scripts/bench_serve.py and stated in
+the README.
 
-Cancellation (a client gone, a deadline passed) drops an item from its queue, from the running AR batch at its
-next token, or from the running DiT batch at its next denoising step. drain() stops admission and lets admitted requests finish. Events go to each request's
-`sink` (called from the worker threads): partial, progress, image, error, done.
+Admission is two steps: reserve() takes a place in the bounded queue (or refuses, 429/503) before a request's
+expensive preparation (decoding an edit's sources), enqueue() then queues its images. Cancellation (a client
+gone, a deadline passed) drops an item from its queue, from the running AR batch at its next token, or from
+the running DiT batch at its next denoising step. drain() stops admission and lets admitted requests finish.
+Events go to each request's `sink` (called from the worker threads): partial, progress, image, error, done.
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ class Engine:
         return max(1, min(60, math.ceil(fewest * len(self.admitted) * interval)))
 
     def cancel(self, req: Request, reason: str) -> None:
-        """Drop a request: its items leave the queues, or the running batch at its next denoising step."""
+        """Drop a request: its items leave the queues, or the running batch at its next token or step."""
         req.cancel(reason)
         self._finish(req)
 
