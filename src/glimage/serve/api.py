@@ -256,9 +256,10 @@ def probe_upload(data: bytes, name: str, limits: Limits) -> tuple[int, int]:
     return w, h
 
 
-def read_upload(data: bytes, name: str):
-    """An uploaded source image (probed already) -> RGB PIL (InputError for truncated or broken files)."""
-    return load_image(data, name, FORMATS)
+def read_uploads(uploads: list[tuple[str, bytes]]) -> list:
+    """Uploaded source images [(file name, bytes)], probed already -> RGB PIL images (InputError for truncated
+    or broken files)."""
+    return [load_image(data, f"image {i} ({name})", FORMATS) for i, (name, data) in enumerate(uploads)]
 
 
 # -- answers

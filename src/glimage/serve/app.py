@@ -306,8 +306,7 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
         admit(job, engine)
         try:
             async with decoding:
-                images = await asyncio.to_thread(lambda: [api.read_upload(data, f"image {i} ({name})")
-                                                          for i, (name, data) in enumerate(uploads)])
+                images = await asyncio.to_thread(api.read_uploads, uploads)
         except InputError as e:
             engine.cancel(job, "failed")
             raise ApiError(400, str(e), "image", "invalid_image") from None
