@@ -23,23 +23,15 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from glimage.config import PRESETS  # noqa: E402
-from glimage.pipeline import GlmImagePipeline  # noqa: E402
 from glimage.sampling import Interrupted, generate_grid_tokens  # noqa: E402
 from glimage.serve.api import Limits  # noqa: E402
 from glimage.serve.app import Served, Settings, create_app  # noqa: E402
 from glimage.serve.engine import Engine, Request  # noqa: E402
 from glimage.serve.memory import rss_bytes  # noqa: E402
 from glimage.validate import InputError, check_target_size  # noqa: E402
-from test_serve import run_engine, wait_for  # noqa: E402 - the engine helpers of the server's other tests
+from test_serve import pipe, run_engine, wait_for  # noqa: E402, F401 - the shipped model and engine helpers
 
 GEN, EDIT = "/v1/images/generations", "/v1/images/edits"
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    p = GlmImagePipeline.from_pretrained(device="cpu")
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -275,7 +275,7 @@ def workload_defaults(model: str | None, preset: str | None, i2i: bool) -> tuple
     """(height, width, steps, guidance, model folder) a bench runs when not told: the model's own (its
     glimage.json; the shipped model without --model or --preset), else 1024 within its range, 50 steps, 1.5."""
     from .checkpoint import read_json
-    from .cli import _model_spec
+    from .cliargs import _model_spec
     from .config import PRESETS
     from .convert.ar import read_ar_config
     from .pipeline import CALL_DEFAULTS
@@ -303,7 +303,7 @@ def _check_workload(model: str | None, preset: str | None, wl: Workload) -> None
 
 
 def add_parser(sub, parents=()) -> None:
-    from .cli import _device_args
+    from .cliargs import _device_args
     b = sub.add_parser("bench", help="time a fixed workload stage by stage (optionally against the reference)",
                        parents=list(parents))
     b.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped model), or --preset")
@@ -320,7 +320,7 @@ def add_parser(sub, parents=()) -> None:
     b.add_argument("--bandwidth", type=float, default=None, help="device memory bandwidth in GB/s for the roofline "
                    "(default: CUDA's spec, or a measured copy on the CPU)")
     b.add_argument("--compile", action="store_true", help="time the compiled path (GlmImagePipeline.enable_compile)")
-    from .cli import _fast_args
+    from .cliargs import _fast_args
     _fast_args(b)
     b.add_argument("--json", default=None, help="also write the results here")
     _device_args(b)

@@ -59,7 +59,7 @@ def main(args) -> int:
         raise InputError(f"--host {args.host} is reachable from other machines and no API key is set: give "
                          "--api-key KEY (or $GLIMAGE_API_KEYS, --api-key-file), or --allow-no-key to serve openly",
                          "host")
-    from ..cli import _model_spec
+    from ..cliargs import _model_spec
     _model_spec(args.model)  # a missing or broken folder fails here, before the server starts
     settings = Settings(model=args.model, api_keys=keys, max_queue=args.max_queue, max_batch=args.max_batch,
                         batch_wait=args.batch_wait_ms / 1000, device=args.dit_device or args.device,
@@ -109,7 +109,7 @@ def listen(host: str, port: int):
 
 
 def add_parser(sub, parents=()) -> None:
-    from ..cli import _device_args
+    from ..cliargs import _device_args
 
     s = sub.add_parser("serve", help="an OpenAI-compatible image server with a web page", parents=list(parents),
                        description="Serve a model over the OpenAI Images API (POST /v1/images/generations, "
@@ -155,7 +155,7 @@ def add_parser(sub, parents=()) -> None:
     _device_args(s)
     s.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each stage to the GPU")
     s.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks")
-    from ..cli import _fast_args
+    from ..cliargs import _fast_args
     _fast_args(s)
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(fn=main)

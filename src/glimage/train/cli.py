@@ -14,7 +14,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import Parser  # an unknown option gets "did you mean ...?"
+    from ..cliargs import Parser  # an unknown option gets "did you mean ...?"
     p = Parser(prog="glimage train", description="train a GLM-Image stage (vae, tokenizer, ar, decoder); "
                "rerun the same command to resume")
     p.add_argument("config", help="a TOML/YAML file or a shipped recipe name (e.g. tiny-ar)")
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None, handle_errors: bool = True) -> int:
 
     if not handle_errors:
         return run()
-    from ..cli import run as run_with_errors
+    from ..cliargs import run as run_with_errors
     return run_with_errors("glimage train", run, args.debug)
 
 
