@@ -301,7 +301,9 @@ def test_api_refuses_a_decompression_bomb_before_decoding(pipe, tmp_path):
         pipe("x", image=png_header_only(tmp_path / "c.png", 10000, 9000).read_bytes(), height=64, width=64)
 
 
-def test_output_piped_into_head_is_not_a_bug():
-    r = subprocess.run(f"{sys.executable} -m glimage.cli info | head -1", shell=True, capture_output=True, text=True,
+def test_output_into_a_closed_pipe_is_not_a_bug():
+    """`glimage info | true`: the reader is gone long before Python starts writing, so the write always fails
+    with a broken pipe (`| head -1` would race with a short output)."""
+    r = subprocess.run(f"{sys.executable} -m glimage.cli info | true", shell=True, capture_output=True, text=True,
                        timeout=60)
-    assert r.stdout.count("\n") == 1 and "error" not in r.stderr, r.stderr
+    assert r.stderr == "", r.stderr
