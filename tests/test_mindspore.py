@@ -11,6 +11,7 @@ import torch
 
 ms = pytest.importorskip("mindspore")
 
+import glimage  # noqa: E402
 from glimage.checkpoint import CheckpointError, read_arrays  # noqa: E402
 from glimage.mindspore.bridge import to_torch  # noqa: E402
 from glimage.mindspore.layers import to_ms  # noqa: E402
@@ -164,7 +165,7 @@ def test_bf16_weights_read_exactly(tmp_path):
 @pytest.fixture(scope="module")
 def shipped():
     tp = GlmImagePipeline.from_pretrained(DEFAULT_MODEL)
-    mp = GlmImagePipeline.from_pretrained(DEFAULT_MODEL, device="cpu", backend="mindspore")
+    mp = glimage.from_pretrained(DEFAULT_MODEL, device="cpu", backend="mindspore")
     for p in (tp, mp):
         p.set_progress_bar_config(disable=True)
     return tp, mp

@@ -19,7 +19,7 @@ from glimage.mindspore.train import AdamW, loss_and_grads, ms_stage  # noqa: E40
 from glimage.mindspore.weights import state_arrays  # noqa: E402
 from glimage.train.config import TrainConfig  # noqa: E402
 from glimage.train.data import prepare_data  # noqa: E402
-from glimage.train.loop import train  # noqa: E402
+from glimage.backends import train  # noqa: E402
 from glimage.train.stages import make_stage  # noqa: E402
 from glimage.validate import InputError  # noqa: E402
 

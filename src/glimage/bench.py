@@ -57,8 +57,10 @@ def load(model: str | None, preset: str | None, device, dtype):
         # A trained AR never predicts the head's ids past the codebook (image start/end); random weights would,
         # and the reference, which samples over the whole head, then indexes past its DiT's codebook. Zero rows
         # score 0, never among the top-k of thousands of random logits: both sides draw codebook ids only.
-        with torch.no_grad():
-            pipe.ar.lm_head.weight[pipe.ar.cfg.vq.num_embeddings:] = 0
+        head = pipe.ar.lm_head  # an nn.Linear or a layouts.PackedLinear: both reload from a state dict
+        w = head.weight.detach().clone()
+        w[pipe.ar.cfg.vq.num_embeddings:] = 0
+        head.load_state_dict({"weight": w})
     else:
         pipe = GlmImagePipeline.from_pretrained(model, device=device, dtype=dtype)
     synchronize(pipe.device)
@@ -88,13 +90,15 @@ def ar_bytes_per_token(pipe, wl: Workload) -> tuple[float, int]:
     average length over the decode, for the whole batch; the number of generated tokens)."""
     from .prompt import build_prompts
     ar, t = pipe.ar, pipe.ar.cfg.text
-    weights = sum(p.numel() * p.element_size() for n, p in ar.named_parameters()
-                  if n.startswith(("language_model.", "lm_head.")) and "embed_tokens" not in n)
+    # buffers too: packed (glimage.layouts) and int8 (glimage.fast) weights are buffers
+    tensors = [*ar.named_parameters(), *ar.named_buffers()]
+    weights = sum(p.numel() * p.element_size() for n, p in tensors
+                  if n.startswith(("language_model.", "lm_head.")) and "embed_tokens" not in n and not n.endswith(".scale_f"))
     grids = [[(wl.height // ar.cfg.grid_factor, wl.width // ar.cfg.grid_factor)]] if wl.i2i else None
     batch = build_prompts([PROMPT], wl.height, wl.width, pipe.tokenizer, ar.cfg, grids)  # i2i: a source ~ target
     n_new = sum(h * w for h, w in batch.grids)
     avg_len = batch.input_ids.shape[1] + n_new / 2
-    kv = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * avg_len * ar.lm_head.weight.element_size()
+    kv = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * avg_len * ar.dtype.itemsize
     return weights + wl.batch * kv, n_new
 
 
@@ -307,7 +311,7 @@ def add_parser(sub, parents=()) -> None:
     b = sub.add_parser("bench", help="time a fixed workload stage by stage (optionally against the reference)",
                        parents=list(parents))
     b.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped model), or --preset")
-    b.add_argument("--preset", default=None, help="random weights of a preset: tiny, mid, shapes, glm-image")
+    b.add_argument("--preset", default=None, help="random weights of a preset: tiny, mid, shapes, slice (the official widths, 2 layers per stack), glm-image")
     b.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's; 1024x1024 within its range "
                    "for a preset)")
     b.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; 50)")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .backends import BACKENDS
 from .cliargs import Parser, _device_args, _fast_args, _leaf, _model_spec, run
 from .validate import InputError
 
@@ -51,8 +52,8 @@ def _generate(args) -> int:
                              "backend")
     _check_size_early(preset, folder, args.height, args.width, sources)
 
+    from . import backends
     from .device import set_threads
-    from .pipeline import GlmImagePipeline
 
     threads = set_threads(args.threads)
     if args.backend == "mindspore":
@@ -60,10 +61,10 @@ def _generate(args) -> int:
         set_cpu_threads(threads)
     t0 = time.perf_counter()
     if preset:  # any preset with random weights: smoke tests and benchmarks
-        pipe = GlmImagePipeline.from_config(preset, seed=0, device=args.device, dtype=args.dtype, backend=args.backend)
+        pipe = backends.from_config(preset, args.backend, seed=0, device=args.device, dtype=args.dtype)
     else:
-        pipe = GlmImagePipeline.from_pretrained(folder, device=args.device, dtype=args.dtype, offload=args.offload,
-                                                backend=args.backend)
+        pipe = backends.from_pretrained(folder, args.backend, device=args.device, dtype=args.dtype,
+                                        offload=args.offload)
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.compile:
         pipe.enable_compile()
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(CUDA: the decode as a CUDA graph); with --backend mindspore: both in graph mode (ms.jit); pays off "
                    "over many images or large models")
     _fast_args(g)
-    g.add_argument("--backend", choices=("torch", "mindspore"), default="torch", help="run the models in PyTorch "
+    g.add_argument("--backend", choices=BACKENDS, default="torch", help="run the models in PyTorch "
                    "(default) or MindSpore (pip install \"glimage[mindspore]\"; same seed, same tokens, the image "
                    "within 1/255; slower on a CPU: see README)")
     g.add_argument("-q", "--quiet", action="store_true")

@@ -53,7 +53,8 @@ def _threads(text: str):
 
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda[:N], npu[:N], mps (default: the best available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU/NPU, fp32 on CPU)")
+    p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default auto: bf16 on GPU/NPU; on the CPU bf16 "
+                   "for a model stored in bf16 where the CPU has AMX, else fp32)")
     p.add_argument("--threads", type=_threads, default="auto",
                    help="CPU threads for torch (default auto: the CPUs idle now, at least 1; OMP_NUM_THREADS, when "
                         "set, wins). More threads than free cores make every op wait for the slowest one")

@@ -183,16 +183,3 @@ def set_threads(threads: int | str | None = "auto") -> int:
 def manual_generator(device: torch.device, seed: int) -> torch.Generator:
     dev = device if device.type in ("cuda", "npu", "mps") else torch.device("cpu")
     return torch.Generator(dev).manual_seed(int(seed))
-
-
-def column_major_linears(module: torch.nn.Module) -> torch.nn.Module:
-    """Store each fp32 Linear's weight (out, in) column-major, i.e. as the transpose of a contiguous (in, out)
-    tensor: same values, names and shapes (save_pretrained writes it back contiguous), but F.linear then
-    hands MKL the layout whose fp32 matrix-vector product streams memory faster on some CPUs (the AR decode
-    reads every weight once per token: 1.99 -> 1.39 s at preset `mid` on an Intel CPU, the same tokens;
-    prefill-sized products are unaffected). bf16 weights stay row-major: column-major makes their
-    matrix-vector product 1.6x (AMD EPYC) to 2.2x (Intel with AMX) slower."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.is_contiguous() and m.weight.dtype == torch.float32:
-            m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=m.weight.requires_grad)
-    return module

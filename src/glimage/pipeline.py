@@ -26,10 +26,11 @@ from .convert.scheduler import scheduler_from_official, scheduler_to_official
 from .convert.dit import load_dit, save_dit
 from .convert.glyph import load_glyph_encoder, save_glyph_encoder
 from .convert.vae import load_vae, save_vae
-from .device import column_major_linears, manual_generator, resolve_device, resolve_dtype
+from .device import manual_generator, resolve_device, resolve_dtype
 from .flow import cfg_combine, euler_step, get_schedule
 from .glyph_text import encode_glyphs
 from .image import load_image
+from .layouts import column_major_linears, packed, tune_linears_for_cpu, unpack_linears
 from .models.ar import GlmImageAR
 from .models.dit import GlmImageDiT, RefKV
 from .models.glyph import GlyphEncoder
@@ -45,7 +46,6 @@ DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes"
 # Generation defaults of the official model; a folder's glimage.json may override them (the shipped model does).
 CALL_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 1.5}
 
-BACKENDS = ("torch", "mindspore")
 COMPONENTS = ("vision_language_encoder", "processor", "text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
 
@@ -108,7 +108,8 @@ class GlmImagePipeline:
                  vae: AutoencoderKL, scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype):
         self.ar, self.tokenizer, self.glyph_encoder, self.dit, self.vae = ar, tokenizer, glyph_encoder, dit, vae
         self.channels_last = False  # the VAE's convolutions take channels-last input
-        if device.type == "cpu" and ar.device.type == "cpu":  # not for offload to an accelerator
+        self.tuned = device.type == "cpu" and ar.device.type == "cpu"  # not for offload to an accelerator
+        if self.tuned:
             self._tune_for_cpu()
         self.scheduler = scheduler
         self.device, self.dtype = device, dtype
@@ -118,9 +119,9 @@ class GlmImagePipeline:
         self.decode_step = None  # None: the eager AR decode; enable_compile() sets a compiled static-shape step
         self.fast: dict = {}  # opt-in fast modes in effect (enable_fast): not the exact path
 
-    def _tune_for_cpu(self) -> None:  # the layouts measured fastest per dtype (device.column_major_linears)
-        column_major_linears(self.ar.language_model)
-        column_major_linears(self.ar.lm_head)
+    def _tune_for_cpu(self) -> None:  # the weight layouts measured fastest per dtype (glimage.layouts); idempotent
+        tune_linears_for_cpu(self.ar.language_model)
+        self.ar.lm_head = column_major_linears(packed(self.ar.lm_head))
         # oneDNN's convolutions run ~1.2x faster channels-last (decoded pixels within 3e-5 of NCHW)
         self.vae.to(memory_format=torch.channels_last)
         self.channels_last = True
@@ -134,15 +135,12 @@ class GlmImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device=None, dtype=None,
-                        offload: bool = False, ar_device=None, backend: str = "torch") -> "GlmImagePipeline":
+                        offload: bool = False, ar_device=None) -> "GlmImagePipeline":
         """Read an official GLM-Image folder; no path = the small model shipped in the package (offline).
         offload=True keeps the weights in CPU memory and moves each component to the accelerator only while it
         runs (the 10 B AR and 7 B DiT are never resident together). ar_device: run the AR on another device
         than the rest (only prior ids cross between them), e.g. "cuda:0" and device="cuda:1".
-        backend="mindspore": the same pipeline with every model in MindSpore (glimage.mindspore)."""
-        if check_choice("backend", backend, BACKENDS) == "mindspore":
-            from .mindspore.pipeline import MindSporePipeline
-            return MindSporePipeline.from_pretrained(path, device, dtype, offload, ar_device)
+        The MindSpore backend: glimage.from_pretrained(path, backend="mindspore") (glimage.backends)."""
         path = model_folder(path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device, stored_dtype(path / "vision_language_encoder"))
@@ -167,15 +165,14 @@ class GlmImagePipeline:
         modules = {"vision_language_encoder": self.ar, "transformer": self.dit}
         if component not in modules:
             raise InputError(f"component={component!r} must be one of {sorted(modules)}")
-        return apply_lora_file(modules[component], path, merge=True)
+        names = apply_lora_file(unpack_linears(modules[component]), path, merge=True)  # merges into nn.Linears
+        if self.tuned:
+            self._tune_for_cpu()
+        return names
 
     @classmethod
-    def from_config(cls, cfg: GlmImageConfig | str, seed: int = 0, device=None, dtype=None,
-                    backend: str = "torch") -> "GlmImagePipeline":
+    def from_config(cls, cfg: GlmImageConfig | str, seed: int = 0, device=None, dtype=None) -> "GlmImagePipeline":
         """Any preset with random weights (tests, benchmarks, training from scratch); byte-level tokenizer."""
-        if check_choice("backend", backend, BACKENDS) == "mindspore":
-            from .mindspore.pipeline import MindSporePipeline
-            return MindSporePipeline.from_config(cfg, seed, device, dtype)
         cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -217,6 +214,7 @@ class GlmImagePipeline:
         block. The same tokens (tested); images within the parity tolerance. The first call compiles (~10 s)."""
         from .sampling import static_step
         if ar:
+            unpack_linears(self.ar)  # compiled graphs cannot take oneDNN's packed weights (glimage.layouts)
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.decode_step = torch.compile(static_step, mode=mode, dynamic=False)
         if dit:

@@ -1,7 +1,7 @@
 """`MindSporePipeline`: GlmImagePipeline with every model running in MindSpore.
 
     pipe = MindSporePipeline.from_pretrained("GLM-Image/", device="npu")
-    # = GlmImagePipeline.from_pretrained("GLM-Image/", device="npu", backend="mindspore")
+    # = glimage.from_pretrained("GLM-Image/", device="npu", backend="mindspore") (glimage.backends)
     image = pipe("a red circle", seed=0).images[0]
 
 The class is the PyTorch pipeline with its four components swapped for MindSpore models behind the same

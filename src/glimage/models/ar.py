@@ -166,13 +166,14 @@ class GlmImageAR(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h)
 
+    # read from a norm: the Linears may hold packed or int8 weights (glimage.layouts, glimage.fast)
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.language_model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.language_model.norm.weight.dtype
 
     @torch.no_grad()
     def image_ids(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -184,5 +185,4 @@ class GlmImageAR(nn.Module):
         return [self.image_ids(p[None])[0] for p in pixels]
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
-        p = self.lm_head.weight
-        return KVCache(self.cfg.text, batch, max_len, device or p.device, dtype or p.dtype)
+        return KVCache(self.cfg.text, batch, max_len, device or self.device, dtype or self.dtype)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None, handle_errors: bool = True) -> int:
     def run() -> int:
         from .config import load_config
         cfg = load_config(args.config, args.overrides)
-        from .loop import train
+        from ..backends import train
         export = train(cfg)
         if int(os.environ.get("RANK", 0)) == 0:
             print(export)

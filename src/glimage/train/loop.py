@@ -208,11 +208,8 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
     """Train `cfg.stage` for cfg.steps optimizer steps (resuming from <out>/ckpt if present); returns the
     export folder (or, when cfg.stop_at ends the run early, the checkpoint folder). `stage` (a Stage) and
     `plan` (a factory (dataset, batch_size, seed) -> obj with .indices(step)) default to
-    glimage.train.stages.make_stage(cfg) and glimage.train.data.BatchPlan. backend = "mindspore": the same run
-    with MindSpore computing the model (glimage.mindspore.train)."""
-    if cfg.backend == "mindspore":
-        from ..mindspore.train import train as train_mindspore
-        return train_mindspore(cfg, stage=stage, plan=plan)
+    glimage.train.stages.make_stage(cfg) and glimage.train.data.BatchPlan. The PyTorch backend; the choice
+    of backend (cfg.backend) is glimage.backends.train's."""
     d = D.init(cfg.device)
     log = None
     try:
