@@ -276,9 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(es)
     es.set_defaults(fn=_eval_shapes)
     from .bench import add_parser as add_bench_parser
+    from .check import add_parser as add_check_parser
     from .serve import add_parser as add_serve_parser
     add_serve_parser(sub, [debug])
     add_bench_parser(sub, [debug])
+    add_check_parser(sub, [debug])
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("shapes", help="synthetic captioned shapes dataset (folder with metadata.jsonl)",
