@@ -3,7 +3,8 @@ stage pipelining (the defaults) and with `--max-batch 1`, plus the same images d
 process (what a server without batching or pipelining does). Also what batching changes: every image is
 compared with the `--max-batch 1` one of the same prompt and seed (served alone, which equals the CLI's).
 
-    python scripts/bench_serve.py [--clients 8] [--requests 48] [--model MODEL] [--steps N] [--size WxH] [--json F]
+    python scripts/bench_serve.py [--clients 8] [--requests 48] [--model MODEL] [--steps N] [--size WxH]
+                                  [--dtype D] [--json F]
 
 On a GPU, e.g. `--model random:glm-image --size 512x512 --steps 20` (random weights built on the device).
 
@@ -81,15 +82,15 @@ def serve_run(url: str, work: list, clients: int, steps: int | None, size: str |
     return wall, [lat for lat, _ in results], {job: img for job, (_, img) in zip(work, results)}
 
 
-def sequential_run(work: list, model: str | None, steps: int | None, size: tuple | None) -> float:
+def sequential_run(work: list, model: str | None, steps: int | None, size: tuple | None, dtype=None) -> float:
     """The same images one after another in one process (torch's threads as `glimage generate` picks them)."""
     from glimage.device import set_threads
     from glimage.pipeline import GlmImagePipeline
     set_threads("auto")
     if model and model.startswith("random:"):
-        pipe = GlmImagePipeline.from_config(model[len("random:"):], seed=0)
+        pipe = GlmImagePipeline.from_config(model[len("random:"):], seed=0, dtype=dtype)
     else:
-        pipe = GlmImagePipeline.from_pretrained(model)
+        pipe = GlmImagePipeline.from_pretrained(model, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe("warm up", seed=1, num_inference_steps=steps, height=size[0] if size else None,
          width=size[1] if size else None)
@@ -107,12 +108,13 @@ def main() -> None:
     p.add_argument("--model", default=None, help="model folder or random:PRESET (default: the shipped model)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
+    p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default: the server's auto)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = jobs(args.requests)
     rows, images = {}, {}
     for name, extra in (("batched + pipelined (defaults)", []), ("--max-batch 1", ["--max-batch", "1"])):
-        proc, url = start(extra, args.model)
+        proc, url = start(extra + (["--dtype", args.dtype] if args.dtype else []), args.model)
         try:
             wall, lat, images[name] = serve_run(url, work, args.clients, args.steps, args.size)
         finally:
@@ -121,7 +123,7 @@ def main() -> None:
         rows[name] = {"images_per_s": len(work) / wall, "p50_s": float(np.percentile(lat, 50)),
                       "p95_s": float(np.percentile(lat, 95))}
     hw = tuple(int(v) for v in reversed(args.size.split("x"))) if args.size else None
-    wall = sequential_run(work, args.model, args.steps, hw)
+    wall = sequential_run(work, args.model, args.steps, hw, args.dtype)
     rows["one after another, one process"] = {"images_per_s": len(work) / wall}
     alone, batched = images["--max-batch 1"], images["batched + pipelined (defaults)"]
     diffs = [int(np.abs(alone[j].astype(int) - batched[j].astype(int)).max()) for j in work]

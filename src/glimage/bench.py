@@ -161,7 +161,7 @@ class Reference:
 
 def bench(model: str | None, preset: str | None, wl: Workload, runs: int = 3, device=None, dtype=None,
           compare_reference: bool = False, given_bandwidth: float | None = None, compile: bool = False,
-          fast: dict | None = None) -> dict:
+          fast: dict | None = None, offload: bool = False) -> dict:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cuda":
@@ -175,6 +175,10 @@ def bench(model: str | None, preset: str | None, wl: Workload, runs: int = 3, de
         load(None, preset, "cpu", dt)[0].save_pretrained(tmp.name)
         model, preset = tmp.name, None
     pipe, load_s = load(model, preset, dev, dt)
+    if offload:  # each component visits the accelerator only while it runs
+        pipe.enable_model_cpu_offload()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
     if compile:
         pipe.enable_compile()  # compiled during the warm-up run, which is not timed
     pipe.enable_fast(**(fast or {}))
@@ -198,6 +202,7 @@ def bench(model: str | None, preset: str | None, wl: Workload, runs: int = 3, de
                roofline_fraction=(per_token_bytes * n_new / decode) / bw if decode else None,
                bandwidth_gbs=bw / 1e9)
     result = {"workload": asdict(wl), "model": label, "device": str(dev), "compiled": compile, "fast": pipe.fast,
+              "offload": offload,
               "dtype": str(dt).removeprefix("torch."), "runs": runs, "ours": row}
     if ref:
         result["reference"] = dict(summarize(theirs, wl, n_new), load_s=ref.load_s)
@@ -268,7 +273,8 @@ def main(args) -> int:
     wl = Workload(height, width, steps, guidance, args.batch, args.i2i)
     _check_workload(model, args.preset, wl)
     result = bench(model, args.preset, wl, args.runs, args.device, args.dtype, args.compare_reference,
-                   args.bandwidth, args.compile, {"step_cache": args.step_cache, "ar_int8": args.ar_int8})
+                   args.bandwidth, args.compile, {"step_cache": args.step_cache, "ar_int8": args.ar_int8},
+                   args.offload)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -311,7 +317,8 @@ def add_parser(sub, parents=()) -> None:
     b = sub.add_parser("bench", help="time a fixed workload stage by stage (optionally against the reference)",
                        parents=list(parents))
     b.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped model), or --preset")
-    b.add_argument("--preset", default=None, help="random weights of a preset: tiny, mid, shapes, slice (the official widths, 2 layers per stack), glm-image")
+    b.add_argument("--preset", default=None, help="random weights of a preset: tiny, mid, shapes, slice (the "
+                   "official widths, 2 layers per stack), glm-image")
     b.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's; 1024x1024 within its range "
                    "for a preset)")
     b.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; 50)")
@@ -324,6 +331,8 @@ def add_parser(sub, parents=()) -> None:
     b.add_argument("--bandwidth", type=float, default=None, help="device memory bandwidth in GB/s for the roofline "
                    "(default: CUDA's spec, or a measured copy on the CPU)")
     b.add_argument("--compile", action="store_true", help="time the compiled path (GlmImagePipeline.enable_compile)")
+    b.add_argument("--offload", action="store_true", help="time with the weights in CPU memory, each component "
+                   "moved to the accelerator while it runs (GlmImagePipeline.enable_model_cpu_offload)")
     from .cliargs import _fast_args
     _fast_args(b)
     b.add_argument("--json", default=None, help="also write the results here")
