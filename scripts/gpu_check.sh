@@ -16,6 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:-ours}
+case $phase in
+  prepare|ours|reference) ;;
+  *) echo "unknown phase $phase: prepare, ours or reference" >&2; exit 2 ;;
+esac
 out=${OUT:-gpu_check}
 mkdir -p "$out"
 
@@ -34,7 +38,6 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-glimage() { python3 -m glimage.cli "$@"; }
 exec > >(tee -a "$out/log.txt") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -50,10 +53,6 @@ case $phase in
   reference)
     # the bench saves the random weights (32 GB) once, then both sides load that folder; images compared
     timeout 560 python3 -m glimage.cli bench "${common[@]}" --compare-reference --json "$out/vs_reference.json"
-    ;;
-  *)
-    echo "unknown phase $phase: prepare, ours or reference" >&2
-    exit 2
     ;;
 esac
 ls -la "$out"
