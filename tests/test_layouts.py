@@ -109,3 +109,14 @@ def test_a_lora_merges_into_a_packed_ar_as_into_a_plain_one(tmp_path):
     for (k, a), b in zip(pipe.ar.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(a, b), k
     assert not torch.equal(pipe.ar.state_dict()[key], before)
+
+
+@needs_onednn_bf16
+def test_first_calls_from_two_threads_pack_once_and_agree():
+    from concurrent.futures import ThreadPoolExecutor
+    lin = bf16_linear(256, 512, True)
+    p = PackedLinear(lin)
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda _: p(x), range(8)))
+    assert all(torch.equal(o, lin(x)) for o in outs) and p.plain is None

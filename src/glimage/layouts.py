@@ -11,6 +11,8 @@ its speed (docs/speed.md, `scripts/bench_matvec.py`):
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,9 @@ def can_pack(dtype: torch.dtype) -> bool:
     return False
 
 
+_PACKING = threading.Lock()
+
+
 class PackedLinear(nn.Module):
     """An inference-only Linear whose weight is held in oneDNN's blocked layout, reordered at its first call
     (so that loading stays as fast as the plain weights', and a pipeline whose AR never runs never pays).
@@ -61,12 +66,17 @@ class PackedLinear(nn.Module):
     def dtype(self) -> torch.dtype:
         return (self.plain if self.packed is None else self.packed).dtype
 
+    def _pack(self) -> torch.Tensor:
+        with _PACKING:  # two threads calling the same pipeline first: one reorders, the other waits for it
+            if self.packed is None:
+                self.packed, self.plain = torch.ops.mkldnn._reorder_linear_weight(self.plain, None), None
+            return self.packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            self.packed, self.plain = torch.ops.mkldnn._reorder_linear_weight(self.plain, None), None
-        if x.dtype != self.dtype:  # oneDNN wants matching dtypes; let F.linear name the mismatch
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        packed = self.packed if self.packed is not None else self._pack()
+        if x.dtype != packed.dtype:  # oneDNN wants matching dtypes; let F.linear name the mismatch
+            return F.linear(x, packed.to_dense(), self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight
