@@ -1,6 +1,6 @@
 """The reference implementation's own bf16 error, per component, on exactly what `glimage check` runs.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/check_tolerances.py [ar vision glyph dit vae]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/check_tolerances.py [--dtype=float16] [ar vision glyph dit vae]
 
 For each component of `glimage.check.components()` (preset slice: the official widths, seeded weights, fixed
 inputs) our fp32 module's weights go into the reference module (transformers 5.23 / diffusers 0.42.1), which
@@ -107,7 +107,7 @@ def reference(name: str, ours, tmp: Path):
 
 
 @torch.no_grad()
-def measure(c) -> dict:
+def measure(c, dtype=torch.bfloat16) -> dict:
     t0 = time.perf_counter()
     ours, x = c.build(), c.inputs()
     y_ours = c.run(ours, x)
@@ -116,9 +116,9 @@ def measure(c) -> dict:
         del ours
         gc.collect()
         truth = run(ref, x)
-        ref = ref.to(torch.bfloat16)
+        ref = ref.to(dtype)
         gc.collect()
-        y16 = run(ref, _cast(x, torch.device("cpu"), torch.bfloat16))
+        y16 = run(ref, _cast(x, torch.device("cpu"), dtype))
     row = dict(component=c.name, reference=type(ref.language_model if c.name == "ar" else ref).__name__,
                ref_bf16=rel_error(y16, truth), ref_vs_ours_fp32=rel_error(truth, y_ours),
                finite=bool(torch.isfinite(y16).all()), seconds=time.perf_counter() - t0)
@@ -128,15 +128,20 @@ def measure(c) -> dict:
 
 
 def main(only: list[str]) -> None:
+    """only: component names; a leading --dtype=float16 measures fp16 instead of bf16 (untried: slow on CPUs
+    without fp16 units, and T5's wo, which the reference keeps in fp32 when loaded in fp16, is cast here)."""
+    dtype = torch.bfloat16
+    if only and only[0].startswith("--dtype="):
+        dtype = getattr(torch, only.pop(0).split("=", 1)[1])
     torch.set_num_threads(1)
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()
-    print(f"{'component':10s} {'ref bf16 err':>13s} {'1.25x':>9s} {'ref~ours fp32':>14s} {'seconds':>8s}  reference",
+    print(f"{'component':10s} {'ref ' + str(dtype)[6:] + ' err':>13s} {'1.25x':>9s} {'ref~ours fp32':>14s} {'seconds':>8s}  reference",
           flush=True)
     for c in components(PRESET):
         if only and c.name not in only:
             continue
-        r = measure(c)
+        r = measure(c, dtype)
         print(f"{r['component']:10s} {r['ref_bf16']:13.3e} {1.25 * r['ref_bf16']:9.2e} {r['ref_vs_ours_fp32']:14.2e} "
               f"{r['seconds']:8.1f}  {r['reference']}{'' if r['finite'] else '  NON-FINITE'}", flush=True)
 
