@@ -57,7 +57,7 @@ def _seeded(factory, seed: int):
 
 def components(preset: str = PRESET, size: int = 256) -> list[Component]:
     """The five components at `preset`'s widths with inputs for a size x size image."""
-    from .models.ar import GlmImageAR, TextModel
+    from .models.ar import TextModel
     from .models.dit import GlmImageDiT
     from .models.glyph import GlyphEncoder
     from .models.vae import AutoencoderKL
@@ -90,7 +90,7 @@ def components(preset: str = PRESET, size: int = 256) -> list[Component]:
                 "target_size": torch.tensor([[float(size), float(size)]]), "crop_coords": torch.zeros(1, 2)}
 
     return [
-        Component("ar", lambda: _seeded(lambda: _ar_language_only(GlmImageAR, TextModel, cfg.ar), 0), ar_inputs,
+        Component("ar", lambda: _seeded(lambda: _ar_language_only(TextModel, cfg.ar), 0), ar_inputs,
                   ar_run),
         Component("vision", lambda: _seeded(lambda: VisionEncoder(cfg.ar.vision), 0), vision_inputs,
                   lambda m, x: m(x["pixels"])),
@@ -103,7 +103,7 @@ def components(preset: str = PRESET, size: int = 256) -> list[Component]:
     ]
 
 
-def _ar_language_only(ar_cls, text_cls, ar_cfg):
+def _ar_language_only(text_cls, ar_cfg):
     """The AR's language model and head (what the decode runs); its ViT is the component `vision`."""
     m = torch.nn.Module()
     m.language_model = text_cls(ar_cfg.text)
