@@ -10,16 +10,24 @@
 # the VAE decoder fine-tune (encoder frozen, so the DiT's latents stay valid) follows the AR on its core.
 # The decoder's first leg stops at DECODER_SPLIT (about when the AR and the VAE fine-tune end on this 2-core
 # CPU; `stop_at` keeps the learning-rate schedule of the whole run), and its second leg gets both cores.
+# Then decoupled RL on the assembled model (docs/rl.md): GRPO of the AR (shapes-grpo) and Flow-GRPO of the DiT
+# (shapes-flow-grpo) run concurrently, one thread each, from the same base, and the shipped model takes the AR
+# of the one and the DiT + glyph encoder of the other.
+#   --no-rl       stop before RL: the model shipped before RL (runs/shapes/model-sl is always kept)
+#   --rl-only     only the RL stages, on $BASE (default: the shipped model), ~80 min on this 2-core CPU
 # Per-stage wall times go to runs/shapes-times.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHIPPED=src/glimage/assets/shapes
 OUT=${OUT:-runs/shapes/model}
+RL=1 SL=1
 for arg in "$@"; do
   case $arg in
     --replace-shipped) OUT=$SHIPPED ;;
+    --no-rl) RL=0 ;;
+    --rl-only) SL=0 ;;
     -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "train_shapes.sh: unknown argument $arg (known: --replace-shipped)" >&2; exit 2 ;;
+    *) echo "train_shapes.sh: unknown argument $arg (known: --replace-shipped, --no-rl, --rl-only)" >&2; exit 2 ;;
   esac
 done
 echo "the trained model goes to $OUT$([ "$OUT" = "$SHIPPED" ] && echo ', replacing the shipped model')"
@@ -32,6 +40,8 @@ stage() {  # stage NAME [glimage train args...]
   glimage train "shapes-$name" "$@" >> "runs/shapes-$name.log" 2>&1 || { tail -20 "runs/shapes-$name.log"; return 1; }
   echo "$name $* $((SECONDS - t0)) s" | tee -a "$times"
 }
+SHIP=(--dtype float16 --defaults height=128 width=128 num_inference_steps=20 guidance_scale=3.0)
+if [ "$SL" = 1 ]; then
 stage vae
 stage vae-colour
 stage tokenizer
@@ -45,8 +55,20 @@ else
   stage decoder
   stage vae-decoder
 fi
+BASE=runs/shapes/model-sl
 python -m glimage.train.ship --ar runs/shapes-ar/export --decoder runs/shapes-decoder/export \
-  --vae runs/shapes-vae-decoder/export --out "$OUT" \
-  --dtype float16 --defaults height=128 width=128 num_inference_steps=20 guidance_scale=3.0
+  --vae runs/shapes-vae-decoder/export --out "$BASE" "${SHIP[@]}"
+fi
+BASE=${BASE:-$SHIPPED}
+if [ "$RL" = 1 ]; then
+  # both read $BASE at their start and copy it into their exports: the final ship may then replace it
+  OMP_NUM_THREADS=1 stage flow-grpo --set base="$BASE" & fg=$!
+  OMP_NUM_THREADS=1 stage grpo --set base="$BASE"
+  wait $fg
+  python -m glimage.train.ship --ar runs/shapes-grpo/export --decoder runs/shapes-flow-grpo/export \
+    --out "$OUT" "${SHIP[@]}"
+elif [ "$BASE" != "$OUT" ]; then
+  rm -rf "$OUT" && cp -r "$BASE" "$OUT"
+fi
 echo "total $SECONDS s" | tee -a "$times"
 [ "$OUT" = "$SHIPPED" ] || echo "use it: glimage generate 'a red circle' --model $OUT (--replace-shipped: the default)"

@@ -2,18 +2,16 @@
 
 The policy draws the very tokens inference draws (same weights, same generator); advantages are normalised per
 group; one gradient step on the stage's loss raises sum_i A_i log p_i of its own draw; a group without reward
-spread gives no gradient; the stage runs through the training loop and exports a loadable folder.
+spread gives no gradient; the stage runs through the training loop and exports a loadable folder. (2 ranks = 1
+process and SIGKILL + rerun: tests/test_flow_grpo.py, for both RL stages.)
 """
 
+import copy
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from glimage.models.ar import GlmImageAR
 from glimage.pipeline import GlmImagePipeline
@@ -29,7 +27,7 @@ TEXTS = ["a red circle", "a blue square at the top of a rather long caption"]  #
 DATA = [{"record": {"text": t}, "text": t, "index": i} for i, t in enumerate(TEXTS)]
 
 
-def redness(images, records):
+def redness(images, prompts, records):
     return [float(np.asarray(im, dtype=np.float32)[..., 0].mean() / 255) for im in images]
 
 
@@ -43,6 +41,7 @@ def grpo_stage(tmp_path, reward=redness, **kw):
     with torch.no_grad():  # a random init with zero biases samples nearly uniform ids: give it structure
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    st.ref = copy.deepcopy(model).requires_grad_(False)  # the reference policy is the starting one
     return st, model
 
 
@@ -87,19 +86,22 @@ def test_a_step_raises_the_advantage_weighted_likelihood_of_its_draw(tmp_path):
     texts = [t for t in TEXTS for _ in range(3)]
     tokens, prompts, images = st.draw(model, texts, torch.Generator().manual_seed(0))
     assert len(images) == 6 and images[0].size == (64, 64)
-    adv = group_advantages(torch.tensor(redness(images, None)).view(2, 3)).flatten()
+    adv = group_advantages(torch.tensor(redness(images, None, None)).view(2, 3)).flatten()
     assert adv.abs().sum() > 0
-    loss, count = st.policy_loss(model, texts, tokens, prompts, adv)
+    loss, count, metrics = st.policy_loss(model, texts, tokens, prompts, adv)
+    assert metrics["kl"].item() == 0  # the policy is still the reference
     (loss / count).backward()
+    before = (adv[:, None] * st.token_logprobs(model, texts, tokens, prompts)[0]).sum().item()
     with torch.no_grad():
         for p in model.parameters():
             p -= 1e-2 * p.grad
-        after, _ = st.policy_loss(model, texts, tokens, prompts, adv)
-    assert after < loss.detach()
+        after = (adv[:, None] * st.token_logprobs(model, texts, tokens, prompts)[0]).sum().item()
+        assert st.policy_loss(model, texts, tokens, prompts, adv)[2]["kl"].item() > 0
+    assert after > before
 
 
 def test_no_reward_spread_gives_no_gradient(tmp_path):
-    st, model = grpo_stage(tmp_path, reward=lambda images, records: [1.0] * len(images))
+    st, model = grpo_stage(tmp_path, reward=lambda images, prompts, records: [1.0] * len(images))
     out = st.step(model, st.collate(DATA), torch.Generator().manual_seed(0))
     out.loss_sum.backward()
     assert out.loss_sum.item() == 0 and out.metrics["reward"].item() == out.count.item()
@@ -109,17 +111,20 @@ def test_no_reward_spread_gives_no_gradient(tmp_path):
 def test_positive_only_reinforces_the_better_draws_alone(tmp_path):
     st, model = grpo_stage(tmp_path, positive_only=True)
     out = st.step(model, st.collate(DATA), torch.Generator().manual_seed(0))
-    assert out.loss_sum.item() > 0  # -A log p with A >= 0 (log p < 0): no term pushes a draw down
+    # on-policy the surrogate's value is -sum of the advantages (r = 1): negative when only A >= 0 are kept,
+    # zero when the group-centred ones all are (same draws: same seeds)
+    assert out.loss_sum.item() < -1
     plain, model2 = grpo_stage(tmp_path)
     both = plain.step(model2, plain.collate(DATA), torch.Generator().manual_seed(0))
-    assert both.loss_sum.item() < out.loss_sum.item()  # same draws (same seeds); the negative terms lower it
+    assert abs(both.loss_sum.item()) < 1e-3 * both.count.item()
+    assert out.metrics["reward"].item() == both.metrics["reward"].item()
     with pytest.raises(ValueError, match="positive_only"):
         TrainConfig(stage="ar", positive_only=True)
 
 
 def test_grpo_runs_through_the_training_loop_and_exports(tmp_path):
     loop = pytest.importorskip("glimage.train.loop")
-    cfg = load_config("shapes-grpo", ["preset=tiny", "base=", "steps=2", "data_n=4", "batch_size=2", "group_size=2",
+    cfg = load_config("shapes-grpo", ["preset=tiny", "base=", "steps=2", "data_n=12", "batch_size=2", "group_size=2",
                                       "reward_steps=1", "image_size=64", "model.ar.preview_side=4", "warmup=1",
                                       "checkpoint_every=0", "tensorboard=false", f"out={tmp_path / 'g'}"])
     export = loop.train(cfg)
@@ -151,34 +156,3 @@ def test_prior_token_ids_skip_the_ar():
         pipe("a red circle", prior_token_ids=ids[:, :3], **kw)
     with pytest.raises(ValueError, match="text-to-image"):
         pipe("a red circle", image=[np.zeros((64, 64, 3), np.uint8)], prior_token_ids=ids, **kw)
-
-
-def test_grpo_two_ranks_equal_one_process(tmp_path):
-    """Each caption's group is drawn from its own seed (its place in the global batch), so 2 ranks under
-    torchrun (gloo, FSDP2) draw, score and update exactly as one process."""
-    from glimage.data.shapes import generate_shapes
-    generate_shapes(tmp_path / "data", 8, seed=0)
-    script = str(Path(__file__).parent / "grpo_dist_main.py")
-    args = ["shapes-grpo", "--set", "preset=tiny", "base=", "steps=2", "batch_size=4", "group_size=2",
-            "reward=redness", "reward_steps=1", "image_size=64", "model.ar.preview_side=4", "warmup=1",
-            "lr=1e-3", "checkpoint_every=0", "tensorboard=false", f"data={tmp_path / 'data'}"]
-    runs = {}
-    for n in (1, 2):
-        out = tmp_path / f"r{n}"
-        cmd = [sys.executable, script, *args, f"out={out}"]
-        if n > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script,
-                   *args, f"out={out}"]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
-        runs[n] = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    for a, b in zip(runs[1], runs[2]):
-        assert a["reward"] > 0 and abs(a["reward"] - b["reward"]) <= 1e-6, (a, b)
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
-    wa = load_file(tmp_path / "r1" / "export" / "vision_language_encoder" / "model.safetensors")
-    wb = load_file(tmp_path / "r2" / "export" / "vision_language_encoder" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        if k.endswith("k_proj.bias"):  # no gradient (softmax is shift-invariant per query): Adam turns its
-            continue  # rounding noise into lr-sized steps, which differ with the batch's padding
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5)

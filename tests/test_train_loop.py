@@ -212,7 +212,7 @@ def test_loss_falls_and_single_batch_overfits(tmp_path):
 
 
 def test_metrics_lines_and_lr_schedule(tmp_path):
-    from glimage.train.loop import lr_at
+    from glimage.train.common import lr_at
 
     out = tmp_path / "m"
     run_toy(dict(out=out, steps=3))
@@ -390,7 +390,7 @@ def test_resume_says_where_it_resumes_from(tmp_path, capsys):
 
 
 def test_ema_decay_warms_up():
-    from glimage.train.loop import ema_decay
+    from glimage.train.common import ema_decay
     assert ema_decay(0.999, 1) == pytest.approx(2 / 11)  # early EMA follows the weights closely
     assert ema_decay(0.999, 100) == pytest.approx(101 / 110)
     assert ema_decay(0.999, 10**6) == 0.999 and ema_decay(0.5, 30) == 0.5

@@ -86,3 +86,31 @@ def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance: float | 
     elif not guidance >= 0:
         raise InputError(f"guidance must be >= 0, got {guidance!r}")
     return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def sde_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_level: float, sigma_cap,
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of Flow-GRPO's SDE sampler (Liu et al. 2025, eq. 8): the reverse-time SDE with the Euler ODE's
+    marginals, discretised with Euler-Maruyama. -> (x_next, mean, std), x_next = mean + std * noise.
+
+    With s = sigma, dt = sigma_next - s < 0 and the diffusion g = noise_level * sqrt(s / (1 - s)):
+        mean = x (1 + g^2 dt / 2s) + v (1 + g^2 (1 - s) / 2s) dt,    std = g sqrt(-dt)
+    so each step is a Gaussian policy N(mean, std^2) over x_next. noise_level 0 is the Euler step exactly.
+    sigma_cap stands in for s where s = 1 (the first step, where g would be infinite): Flow-GRPO's sigmas[1].
+    noise None: x_next = mean (compute the mean of a recorded step)."""
+    s = torch.as_tensor(sigma, dtype=torch.float32)
+    dt = torch.as_tensor(sigma_next, dtype=torch.float32) - s
+    g2 = noise_level ** 2 * s / (1 - torch.where(s >= 1, torch.as_tensor(sigma_cap, dtype=torch.float32), s))
+    x, v = x.float(), v.float()
+    mean = x * (1 + g2 * dt / (2 * s)) + v * (1 + g2 * (1 - s) / (2 * s)) * dt
+    std = (g2 * -dt).sqrt()
+    x_next = mean if noise is None else mean + std * noise.float()
+    return x_next, mean, std
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) averaged over all but the first dim, (B,): the per-step log-probability of
+    Flow-GRPO (a mean, not a sum, over the latent's values, so ratios stay near 1 at any resolution)."""
+    std = torch.as_tensor(std, dtype=torch.float32)
+    lp = -((x.float() - mean.float()) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(1)

@@ -34,7 +34,8 @@ import torch
 from mindspore import Tensor, ops
 
 from ..train.config import TrainConfig
-from ..train.loop import _Collate, _export, _MicroBatches, _Robust, _samples, ema_decay, lr_at, mix_seed
+from ..train.common import (MicroBatches, RobustDataset, SkippingCollate, ema_decay, export_run, lr_at, mix_seed,
+                            write_samples)
 from ..validate import InputError
 from .layers import to_ms
 from .pipeline import ms_dtype, set_device
@@ -245,9 +246,9 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
         print(f"resuming from step {start} ({ckpt / f'step_{start}'})", file=sys.stderr, flush=True)
 
     dataset = stage.dataset()
-    batches = _MicroBatches((plan or BatchPlan)(dataset, cfg.batch_size, cfg.seed), cfg, start, rank, W)
-    data = _Robust(dataset)
-    it = iter(DataLoader(data, batch_sampler=batches, collate_fn=_Collate(stage, data), num_workers=cfg.num_workers))
+    batches = MicroBatches((plan or BatchPlan)(dataset, cfg.batch_size, cfg.seed), cfg, start, rank, W)
+    data = RobustDataset(dataset)
+    it = iter(DataLoader(data, batch_sampler=batches, collate_fn=SkippingCollate(stage, data), num_workers=cfg.num_workers))
     log = RunLog(out, main, start, cfg.steps, cfg.tensorboard, cfg.log_every)
     end = cfg.stop_at or cfg.steps
     try:
@@ -298,6 +299,6 @@ def train(cfg: TrainConfig, *, stage=None, plan=None) -> str:
         if ema is not None:
             arrays.update({n: e.asnumpy() for (n, _), e in zip(named, ema)})
         fresh.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
-        _export(stage, fresh.eval(), out)
-        _samples(stage, fresh.eval(), out, cfg.steps, torch.device("cpu"))
+        export_run(stage, fresh.eval(), out)
+        write_samples(stage, fresh.eval(), out, cfg.steps, torch.device("cpu"))
     return str(final)

@@ -22,12 +22,12 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 RECIPES = Path(__file__).parent / "recipes"
-STAGES = ("vae", "tokenizer", "ar", "decoder", "grpo")
+STAGES = ("vae", "tokenizer", "ar", "decoder", "grpo", "flow_grpo")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: str  # vae | tokenizer | ar | decoder | grpo
+    stage: str  # vae | tokenizer | ar | decoder | grpo | flow_grpo
     preset: str = "tiny"  # model architecture, a name in glimage.config.PRESETS
     model: dict = field(default_factory=dict)  # dotted overrides of the preset ("ar.text.num_hidden_layers": 4)
     base: str = ""  # GLM-Image folder giving initial weights of the trained part and the frozen parts; "" = random
@@ -80,10 +80,17 @@ class TrainConfig:
     freeze_encoder: bool = False  # vae: train the decoder only; latents and their statistics stay the base's
     commit_weight: float = 0.25  # tokenizer: VQ commitment loss weight (beta)
     refit_codes: int = 0  # tokenizer: at export, move up to this many unused codes onto the worst-served outputs
-    group_size: int = 8  # grpo: images drawn per caption (the group whose rewards set the advantages)
-    reward: str = "shapes"  # grpo: reward of a decoded image (glimage.train.stages.grpo.REWARDS)
-    reward_steps: int = 10  # grpo: Euler steps of the frozen decoder drawing the images the reward scores
-    positive_only: bool = False  # grpo: drop the terms of draws below their group's mean (advantage < 0)
+    # RL stages (grpo: the AR; flow_grpo: the DiT)
+    group_size: int = 8  # images drawn per caption (the group whose rewards set the advantages)
+    reward: str = "shapes"  # a name, weighted sum, module:function or URL (glimage.train.rewards)
+    reward_timeout: float = 120.0  # seconds a reward server may take per batch
+    reward_steps: int = 10  # denoising steps of the images the reward scores (fewer than at inference)
+    positive_only: bool = False  # drop the terms of draws below their group's mean (advantage < 0)
+    adv_scale: bool = True  # divide advantages by their group's std (GRPO); false: mean-centred only (Dr. GRPO)
+    clip_range: float = 0.2  # PPO clip of the ratio pi / pi_old per token or denoising step
+    kl_coef: float = 0.0  # weight of KL(pi || pi_ref) to the frozen starting model
+    nucleus_logp: bool = True  # grpo: log p under the sampler's top-k/top-p distribution (false: full softmax)
+    noise_level: float = 0.7  # flow_grpo: the SDE sampler's noise (0 = the Euler ODE, no exploration)
     lora_rank: int = 0  # > 0: LoRA fine-tuning of the stage's transformer from `base`
     lora_alpha: float = 16.0
     lora_merge: bool = True  # export merged weights (official layout) or keep the adapter separate
@@ -104,13 +111,16 @@ class TrainConfig:
         for name in ("keep_checkpoints", "log_every", "data_n", "image_size", "group_size",
                      "reward_steps"):
             check_int(name, getattr(self, name), 1)
-        for name in ("weight_decay", "grad_clip", "kl_weight", "commit_weight"):
+        for name in ("weight_decay", "grad_clip", "kl_weight", "commit_weight", "kl_coef"):
             check_float(name, getattr(self, name), 0)
         for name in ("beta1", "beta2", "ema"):
             check_float(name, getattr(self, name), 0, 0.9999999)
         for name in ("cond_drop", "glyph_prior_drop", "glyph_prior_swap"):
             check_float(name, getattr(self, name), 0, 1)
         check_float("lora_alpha", self.lora_alpha, 0, lo_open=True)
+        check_float("clip_range", self.clip_range, 0, 1, lo_open=True)
+        check_float("noise_level", self.noise_level, 0, 2)
+        check_float("reward_timeout", self.reward_timeout, 0, lo_open=True)
         check_int("sample_steps", self.sample_steps, 1, MAX_STEPS)
         check_float("sample_guidance", self.sample_guidance, 0, MAX_GUIDANCE)
         if not 0 <= self.stop_at <= self.steps:
@@ -124,14 +134,14 @@ class TrainConfig:
                 raise InputError(f"{key}=true is for the vae stage only (stage={self.stage!r})")
         if self.refit_codes and self.stage != "tokenizer":
             raise InputError(f"refit_codes={self.refit_codes} is for the tokenizer stage only (stage={self.stage!r})")
-        if self.train_glyph and self.stage != "decoder":
-            raise InputError(f"train_glyph=true is for the decoder stage only (stage={self.stage!r})")
+        if self.train_glyph and self.stage not in ("decoder", "flow_grpo"):
+            raise InputError(f"train_glyph=true is for the decoder stages only (stage={self.stage!r})")
         if self.train_glyph and self.lora_rank:
             raise InputError(f"train_glyph=true trains the glyph encoder fully; it does not combine with LoRA "
                              f"(lora_rank={self.lora_rank})")
-        if self.positive_only and self.stage != "grpo":
-            raise InputError(f"positive_only=true is for the grpo stage only (stage={self.stage!r})")
-        if self.stage == "grpo" and self.group_size < 2:
+        if self.positive_only and self.stage not in ("grpo", "flow_grpo"):
+            raise InputError(f"positive_only=true is for the RL stages only (stage={self.stage!r})")
+        if self.stage in ("grpo", "flow_grpo") and self.group_size < 2:
             raise InputError(f"group_size={self.group_size} must be >= 2 (GRPO compares the samples of a group)")
         if self.freeze_encoder and not self.base:
             raise InputError("freeze_encoder=true needs a base folder whose VAE encoder to keep")

@@ -73,3 +73,43 @@ class RunLog:
         for h in (self.bar, self.tb, self.file):
             if h is not None:
                 h.close()
+
+
+CURVES = ("reward", "kl", "entropy", "clip_frac", "tail_mass", "group_std", "loss", "grad_norm")
+
+
+def plot_curves(out: str | os.PathLike, keys: tuple[str, ...] = CURVES, smooth: int = 10) -> Path | None:
+    """`<out>/curves.png`: one panel per key of metrics.jsonl present in the run (the RL stages: reward, KL,
+    entropy, clip fraction...), each step's value and its running mean over `smooth` steps. None when
+    matplotlib (pip install glimage[train]) is missing or nothing is logged."""
+    path = Path(out) / "metrics.jsonl"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display: files only
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                                   for r in rows)]
+    if not rows or not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 1.9 * len(keys)), sharex=True, squeeze=False)
+    for ax, k in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+        steps, vals = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(steps, vals, lw=0.8, alpha=0.4, color="C0")
+        mean = [sum(vals[max(0, i - smooth + 1): i + 1]) / len(vals[max(0, i - smooth + 1): i + 1])
+                for i in range(len(vals))]
+        ax.plot(steps, mean, lw=1.6, color="C0")
+        ax.set_ylabel(k)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(Path(out).name, fontsize=10)
+    fig.tight_layout()
+    target = Path(out) / "curves.png"
+    fig.savefig(target, dpi=90)
+    plt.close(fig)
+    return target

@@ -81,12 +81,16 @@ def code_usage(ids: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.T
     return used, entropy.exp(), used.float().mean()
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
     """GRPO's advantages: rewards (B, G) of G samples per prompt, normalised within each group (minus the group
-    mean, over its std). A group whose samples all score alike carries no signal and gets 0."""
+    mean, over its std). A group whose samples all score alike carries no signal and gets 0. scale=False keeps
+    the reward's own scale (minus the mean only, Dr. GRPO): a group that differs by a hair is not blown up to
+    unit spread."""
     r = rewards.float()
-    std = r.std(dim=1, keepdim=True, unbiased=False)
-    return (r - r.mean(dim=1, keepdim=True)) / (std + eps)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (r.std(dim=1, keepdim=True, unbiased=False) + eps)
 
 
 def policy_gradient_loss(logits: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor,
@@ -99,3 +103,64 @@ def policy_gradient_loss(logits: torch.Tensor, tokens: torch.Tensor, advantages:
     logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None])[..., 0]
     loss = -(advantages.float()[:, None].to(logp.device) * logp).sum()
     return loss, torch.tensor(float(tokens.numel()), device=logits.device)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
+    """(log p of the sampled tokens (B, N), entropy of each position's distribution (B, N)), both in fp32 under
+    the temperature the tokens were drawn with; logits (B, N, V)."""
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, tokens[..., None])[..., 0], entropy
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO/GRPO's clipped surrogate: sum over samples i and their actions k (tokens, denoising steps) of
+    max(-A_i r_ik, -A_i clip(r_ik, 1 - c, 1 + c)), r = exp(logp - old_logp); logp, old_logp (B, K), A (B,).
+    -> (sum, count B * K, number of clipped terms). On-policy (old_logp = logp.detach()) it is -A log p in value
+    gradient, as policy_gradient_loss."""
+    ratio = torch.exp(logp - old_logp.detach())
+    adv = advantages.float()[:, None].to(logp.device)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
+    clipped = ((ratio - 1).abs() > clip_range).sum().float()
+    return loss.sum(), torch.tensor(float(logp.numel()), device=logp.device), clipped.detach()
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-action KL(pi || pi_ref) estimate from the sampled actions (Schulman's k3, as DeepSeek's GRPO):
+    exp(d) - d - 1 with d = ref_logp - logp; >= 0, unbiased, 0 where the policies agree."""
+    d = ref_logp.detach() - logp
+    return torch.exp(d) - d - 1
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL of two Gaussian steps with the same std: |mean - ref_mean|^2 / 2 std^2, averaged over all but the first
+    dim like flow.gaussian_logprob, (B,)."""
+    std = torch.as_tensor(std, dtype=torch.float32)
+    return ((mean.float() - ref_mean.detach().float()) ** 2).flatten(1).mean(1) / (2 * std ** 2)
+
+
+def sampling_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                      n_valid: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p of the sampled tokens under the distribution the sampler draws from (temperature, then the
+    top-k / top-p nucleus renormalised: glimage.sampling.warp), with the entropy of that distribution and the
+    softmax mass outside the nucleus (the tail that is never sampled), each (B, N); logits (B, N, V).
+
+    Under the plain softmax, lowering a bad draw's log p moves its mass anywhere, also into the tail, which no
+    draw ever samples and so no gradient ever takes back; within the nucleus the gradient only moves mass
+    between ids the sampler can draw. The sampled id always stays in (recomputed logits may differ in the last
+    bit from the decode loop's at the nucleus' edge)."""
+    from ..sampling import warp
+    B, N, V = logits.shape
+    flat = logits.float().reshape(B * N, V)
+    with torch.no_grad():
+        removed = torch.isinf(warp(flat, temperature, top_k, top_p, n_valid))
+        removed.scatter_(1, tokens.reshape(-1, 1), False)
+    scores = flat / temperature
+    full = torch.log_softmax(scores, dim=-1)
+    logp_all = torch.log_softmax(scores.masked_fill(removed, float("-inf")), dim=-1)
+    p = logp_all.exp()
+    entropy = -(p * logp_all.masked_fill(removed, 0)).sum(-1)
+    tail = (full.exp() * removed).sum(-1)
+    logp = logp_all.gather(-1, tokens.reshape(-1, 1))[:, 0]
+    return logp.view(B, N), entropy.view(B, N), tail.detach().view(B, N)

@@ -6,6 +6,7 @@ tokenizer  ViT + cosine VQ codebook: VQ-VAE through an auxiliary decoder, STE, c
 ar         GLM-4 decoder: next-token CE over preview grid, large grid, end-of-image       (stages/ar.py)
 decoder    DiT: flow matching with the inference sigma shift, prior tokens, glyphs, CFG drop (stages/decoder.py)
 grpo       the AR post-trained with GRPO: group-normalised reward of its decoded images    (stages/grpo.py)
+flow_grpo  the DiT post-trained with Flow-GRPO: SDE draws from one AR draw, per-step ratio (stages/flow_grpo.py)
 Each export writes a complete GLM-Image folder: the base folder with the trained component replaced.
 """
 
@@ -32,4 +33,7 @@ def make_stage(cfg: TrainConfig, dataset=None):
     if cfg.stage == "grpo":
         from .grpo import GRPOStage
         return GRPOStage(cfg, dataset)
-    raise InputError(f"stage={cfg.stage!r} must be one of vae, tokenizer, ar, decoder, grpo")
+    if cfg.stage == "flow_grpo":
+        from .flow_grpo import FlowGRPOStage
+        return FlowGRPOStage(cfg, dataset)
+    raise InputError(f"stage={cfg.stage!r} must be one of vae, tokenizer, ar, decoder, grpo, flow_grpo")

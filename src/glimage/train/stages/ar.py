@@ -154,7 +154,7 @@ class ARStage(StageBase):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.cfg.seed + 1)
                 apply_lora(model, self.cfg.lora_rank, self.cfg.lora_alpha, AR_TARGETS)
-        return model.train()
+        return model.float().train()  # fp32 master weights, also from a float16 folder
 
     def blocks(self, model: ARModel) -> list[nn.Module]:
         return list(model.language_model.layers)

@@ -1,29 +1,35 @@
 """Stage `grpo`: the AR generator post-trained with GRPO against a reward on the decoded image.
 
-GLM-Image's post-training is decoupled GRPO: the AR is rewarded for what the image shows (semantics, OCR), the
-decoder for its details. This stage is the AR half with a programmatic reward. For each caption of a batch the
-current AR draws `group_size` token grids (with its own sampling settings: generation_config.json), the frozen
-decoder side of the base folder (glyph encoder + DiT + VAE, `reward_steps` Euler steps at the folder's CFG)
-draws each into an image, and the reward scores it -- `shapes`: 1 when glimage.eval.shapes.check finds exactly
-the caption's objects, position or relation, or word, else 0. The advantages are the rewards normalised within
-each group (losses.group_advantages) and the loss is -A log p of the sampled tokens
-(losses.policy_gradient_loss): on-policy, one update per draw, so PPO's clipped ratio is 1. There is no KL term
-to a reference model (DAPO drops it as well); a small lr and few steps keep the policy near its start.
-`positive_only` keeps only the draws above their group's mean. The negative terms are unbounded below: on the
-shapes model the plain objective collapsed the policy (lr 3e-4: mean reward 0.40 -> 0.03 in 30 steps), most
-likely by pushing probability into the tail that top-k/top-p sampling never draws; with the better draws alone
-(each term bounded, log p <= 0; lr 1e-4, 100 steps) it stayed stable.
+GLM-Image's post-training is decoupled GRPO: the AR is rewarded for what the image shows (semantics, layout),
+the decoder for its details (stage flow_grpo). For each caption of a batch the current AR draws `group_size`
+token grids with its own sampling settings (generation_config.json), the frozen decoder side of the base folder
+(glyph encoder + DiT + VAE, `reward_steps` Euler steps at the folder's CFG) draws each into an image, and the
+reward scores it (glimage.train.rewards: `shapes`, `shapes_partial`, `ocr`, weighted sums, a user's function
+or a reward server). Advantages are the rewards normalised within each group (losses.group_advantages;
+`adv_scale = false` keeps the reward's scale). The loss per drawn token is GRPO's:
+    max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range)) + kl_coef * KL_k3(pi || pi_ref),   r = pi / pi_old
+with log pi taken under the distribution the sampler draws from (temperature, top-k / top-p nucleus
+renormalised: losses.sampling_logprobs) and pi_ref the base AR, frozen. One update per draw, so pi_old = pi
+and r = 1 in value; the clip and its logged fraction guard runs that reuse draws.
+
+Why the first version collapsed (lr 3e-4: mean reward 0.40 -> 0.03 in 30 steps): its log p was the plain
+softmax's. Pushing a bad draw's probability down under the full softmax moves mass anywhere, also into the
+tail the nucleus (top_p 0.75) never samples, where no later draw can take it back; the nucleus' own ids all
+lose mass together and sampling degrades. `nucleus_logp = false` reproduces it; docs/rl.md has the curves.
+`positive_only` keeps only the draws above their group's mean (the first version's stable fallback).
 
 Data: the records of a shapes data folder (metadata.jsonl: caption, template, objects, position, word); the
-images are not read. The trained module (language model + head), its export and its samples are the ar
-stage's; `batch_size` counts captions, so one step scores batch_size * group_size images.
+images are not read, and captions that are evaluation prompts are dropped (PromptRecords). The trained module
+(language model + head), its export and its samples are the ar stage's; `batch_size` counts captions, so one
+step scores batch_size * group_size images.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,33 +40,34 @@ from ...prompt import build_prompts
 from ...sampling import generate_grid_tokens
 from ...validate import InputError
 from ..config import TrainConfig
-from ..losses import group_advantages, policy_gradient_loss
+from ..losses import clipped_policy_loss, group_advantages, kl_k3, sampling_logprobs, token_logprobs
+from ..rewards import Reward, resolve_reward, score_images
 from ..stage import StepOutput
 from .ar import ARModel, ARStage, ar_batch
 from .common import empty_output, random_pipeline, sample_generators
 
-Reward = Callable[[list, list[dict]], list[float]]
-
-
-def shapes_reward(images: list, records: list[dict]) -> list[float]:
-    """1.0 for an image the shapes checker passes for its record, else 0.0 (the evaluation's own criterion)."""
-    from ...eval.shapes import check
-    return [float(check(image, rec)[0]) for image, rec in zip(images, records)]
-
-
-REWARDS: dict[str, Reward] = {"shapes": shapes_reward}
+def eval_texts() -> set[str]:
+    """Every prompt of the shapes evaluation sets (seeds 0-9, 50 per category): RL never trains on them."""
+    from ...data.shapes import eval_prompts
+    return {p["prompt"] for seed in range(10) for p in eval_prompts(seed=seed, n_per_category=50)}
 
 
 class PromptRecords(torch.utils.data.Dataset):
-    """The records of a data folder's metadata.jsonl (what the reward checks the images against)."""
+    """The records of a data folder's metadata.jsonl (what the reward checks the images against), without the
+    captions that are evaluation prompts (`dropped` counts them)."""
 
     def __init__(self, root: str | Path):
         path = Path(root) / "metadata.jsonl"
         if not path.is_file():
-            raise InputError(f"data={str(root)!r}: the grpo stage reads the captions and their specs from "
+            raise InputError(f"data={str(root)!r}: the RL stages read the captions and their specs from "
                              f"metadata.jsonl (a `glimage data shapes` folder); {path} not found")
         with open(path) as f:
-            self.records = [json.loads(line) for line in f if line.strip()]
+            records = [json.loads(line) for line in f if line.strip()]
+        held = eval_texts()
+        self.records = [r for r in records if r["text"] not in held]
+        self.dropped = len(records) - len(self.records)
+        if not self.records:
+            raise InputError(f"data={str(root)!r}: every caption in {path} is an evaluation prompt")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -89,10 +96,14 @@ class GRPOStage(ARStage):
 
     def __init__(self, cfg: TrainConfig, dataset=None, reward: Reward | None = None):
         super().__init__(cfg, dataset)
-        if reward is None and cfg.reward not in REWARDS:
-            raise InputError(f"reward={cfg.reward!r} must be one of {sorted(REWARDS)}")
-        self.reward = reward or REWARDS[cfg.reward]
-        self.pipe = None
+        self.reward = resolve_reward(reward or cfg.reward, cfg.reward_timeout)
+        self.pipe = self.ref = None
+
+    def build(self) -> nn.Module:
+        model = super().build()
+        if self.ref is None:  # the reference policy: the starting AR, frozen (its KL is logged in any case)
+            self.ref = copy.deepcopy(model).requires_grad_(False).eval()
+        return model
 
     def setup(self, device, dtype) -> None:
         super().setup(device, dtype)
@@ -130,19 +141,38 @@ class GRPOStage(ARStage):
                            prior_token_ids=upsample_ids(large, th, tw), seed=seed).images
         return tokens, prompts, images
 
-    def policy_loss(self, model: ARModel, texts: list[str], tokens: torch.Tensor, prompts,
-                    advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum, count) of -A log p over the drawn tokens, teacher-forced exactly as the ar stage feeds targets."""
-        size = self.cfg.image_size
+    def token_logprobs(self, model: ARModel, texts: list[str], tokens: torch.Tensor, prompts):
+        """(log p (N, n), entropy (N, n), tail mass (N, n)) of the drawn tokens, teacher-forced exactly as the ar
+        stage feeds targets; log p under the sampler's nucleus (nucleus_logp) or the plain softmax."""
+        size, cfg = self.cfg.image_size, self.ar_cfg
         grids, o = [], 0
         for h, w in prompts.grids:
             grids.append(tokens[:, o:o + h * w].reshape(-1, h, w).cpu())
             o += h * w
-        b = ar_batch(texts, size, size, self.tok, self.ar_cfg, grids)
+        b = ar_batch(texts, size, size, self.tok, cfg, grids)
         mask = b.mask.to(self.device) if b.mask is not None else None
-        logits = model(b.input_ids.to(self.device), b.position_ids.to(self.device), mask, b.start)
         n = tokens.shape[1]  # the end-of-image target is not sampled: no term for it
-        return policy_gradient_loss(logits[:, :n], tokens.to(self.device), advantages, self.ar_cfg.temperature)
+        logits = model(b.input_ids.to(self.device), b.position_ids.to(self.device), mask, b.start)[:, :n]
+        tokens = tokens.to(self.device)
+        if self.cfg.nucleus_logp:
+            return sampling_logprobs(logits, tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.vq.num_embeddings)
+        logp, entropy = token_logprobs(logits, tokens, cfg.temperature)
+        return logp, entropy, torch.zeros_like(logp)
+
+    def policy_loss(self, model: ARModel, texts: list[str], tokens: torch.Tensor, prompts,
+                    advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(sum, count, metric sums) of GRPO's per-token loss over the drawn tokens (on-policy: pi_old = pi)."""
+        logp, entropy, tail = self.token_logprobs(model, texts, tokens, prompts)
+        loss, count, clipped = clipped_policy_loss(logp, logp.detach(), advantages, self.cfg.clip_range)
+        metrics = {"entropy": entropy.detach().sum(), "tail_mass": tail.sum(), "clip_frac": clipped}
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_logp = self.token_logprobs(self.ref.to(self.device), texts, tokens, prompts)[0]
+            kl = kl_k3(logp, ref_logp)
+            if self.cfg.kl_coef:
+                loss = loss + self.cfg.kl_coef * kl.sum()
+            metrics["kl"] = kl.detach().sum()
+        return loss, count, metrics
 
     def step(self, model: ARModel, batch, generator: torch.Generator) -> StepOutput:
         if not batch["texts"]:
@@ -156,12 +186,13 @@ class GRPOStage(ARStage):
         draws = [self.draw(model, [t] * G, g) for t, g in zip(batch["texts"], gens)]
         tokens, prompts = torch.cat([d[0] for d in draws]), draws[0][1]
         images = [im for d in draws for im in d[2]]
-        rewards = torch.tensor(self.reward(images, [r for r in batch["records"] for _ in range(G)]))
-        adv = group_advantages(rewards.view(-1, G)).flatten()
+        rewards = score_images(self.reward, images, texts, [r for r in batch["records"] for _ in range(G)])
+        adv = group_advantages(rewards.view(-1, G), scale=self.cfg.adv_scale).flatten()
         if self.cfg.positive_only:
             adv = adv.clamp(min=0)
-        loss, count = self.policy_loss(model, texts, tokens, prompts, adv)
+        loss, count, metrics = self.policy_loss(model, texts, tokens, prompts, adv)
         # metrics are normalised by count (N * n tokens): these sums log the mean reward and its spread per group
         n = tokens.shape[1]
         spread = rewards.view(-1, G).std(dim=1, unbiased=False).sum() * G
-        return StepOutput(loss, count, {"reward": rewards.sum().to(count) * n, "group_std": spread.to(count) * n})
+        metrics.update({"reward": rewards.sum().to(count) * n, "group_std": spread.to(count) * n})
+        return StepOutput(loss, count, metrics)
