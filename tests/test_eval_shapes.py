@@ -66,3 +66,25 @@ def test_checker_reads_a_dulled_sign_with_a_tinted_post(tmp_path):
     extra = dulled.copy()
     ImageDraw.Draw(extra).ellipse([2, 2, 30, 30], fill=(220, 20, 20))
     assert not check(extra, sign)[0]
+
+
+def test_eval_cli_sums_several_prompt_sets(tmp_path, capsys):
+    """`glimage eval shapes --seed 0 1`: each set in its own folder, the printed table their sum."""
+    if not tesseract_available():
+        pytest.skip("tesseract-ocr is not installed")
+    from glimage.cli import main
+    assert main(["eval", "shapes", "--n-per-category", "1", "--seed", "0", "1", "--steps", "2",
+                 "--out", str(tmp_path), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "prompt sets 0, 1, summed:" in printed and "| all |" in printed
+    rows = {}
+    for seed in (0, 1):
+        assert (tmp_path / f"seed-{seed}" / "samples.png").is_file()
+        for line in (tmp_path / f"seed-{seed}" / "table.md").read_text().splitlines()[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.setdefault(cells[0], [0, 0])
+            rows[cells[0]][0] += int(cells[1])
+            rows[cells[0]][1] += int(cells[2])
+    for name, (c, n) in rows.items():
+        assert f"| {name} | {c} | {n} |" in printed
+    assert rows["all"][1] == 10

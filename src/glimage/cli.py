@@ -204,7 +204,13 @@ def _eval_shapes(args) -> int:
     set_threads(args.threads)
     pipe = GlmImagePipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     pipe.set_progress_bar_config(disable=True)
-    table = evaluate(pipe, args.n_per_category, args.seed, args.out, args.steps, args.guidance)
+    table: dict = {}
+    for seed in args.seed:
+        out = args.out if not args.out or len(args.seed) == 1 else f"{args.out}/seed-{seed}"
+        one = evaluate(pipe, args.n_per_category, seed, out, args.steps, args.guidance)
+        table = {k: tuple(a + b for a, b in zip(table.get(k, (0, 0)), v)) for k, v in one.items()}
+    if len(args.seed) > 1:
+        print(f"prompt sets {', '.join(map(str, args.seed))}, summed:")
     print(format_table(table))
     if args.out:
         print(f"samples: {args.out}/samples.png, details: {args.out}/results.jsonl", file=sys.stderr)
@@ -269,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                          parents=[debug])
     es.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     es.add_argument("--n-per-category", type=int, default=8)
-    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--seed", type=int, nargs="+", default=[0],
+                    help="prompt set(s); several are summed (each in OUT/seed-N with --out)")
     es.add_argument("--steps", type=int, default=None, help="default: the model's")
     es.add_argument("--guidance", type=float, default=None, help="default: the model's")
     es.add_argument("--out", default=None, help="write samples.png, table.md, results.jsonl here")
