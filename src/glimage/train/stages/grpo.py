@@ -154,10 +154,11 @@ class GRPOStage(ARStage):
         n = tokens.shape[1]  # the end-of-image target is not sampled: no term for it
         logits = model(b.input_ids.to(self.device), b.position_ids.to(self.device), mask, b.start)[:, :n]
         tokens = tokens.to(self.device)
-        if self.cfg.nucleus_logp:
-            return sampling_logprobs(logits, tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.vq.num_embeddings)
-        logp, entropy = token_logprobs(logits, tokens, cfg.temperature)
-        return logp, entropy, torch.zeros_like(logp)
+        logp, entropy, tail = sampling_logprobs(logits, tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                                cfg.vq.num_embeddings)
+        if not self.cfg.nucleus_logp:  # the plain softmax's log p and entropy; the tail mass is the same
+            logp, entropy = token_logprobs(logits, tokens, cfg.temperature)
+        return logp, entropy, tail
 
     def policy_loss(self, model: ARModel, texts: list[str], tokens: torch.Tensor, prompts,
                     advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
