@@ -207,3 +207,20 @@ def test_noise_level_zero_cannot_train(tmp_path):
     with pytest.raises(ValueError, match="group_size=1"):
         TrainConfig(stage="flow_grpo", group_size=1)
     assert get_schedule(3, 64, 64, st.model_cfg.scheduler)[1][0] == 1.0  # the step the cap is for
+
+
+def test_lora_trains_the_adapters_alone_and_the_glyph_encoder_can_train(tmp_path):
+    st, model = flow_stage(tmp_path, lora_rank=4)
+    with torch.no_grad():  # B = 0 at the start: give the adapters a value so A receives a gradient too
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.01)
+    out = st.step(model, st.collate(DATA), torch.Generator().manual_seed(0))
+    out.loss_sum.backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    st, model = flow_stage(tmp_path, train_glyph=True)
+    out = st.step(model, st.collate(DATA), torch.Generator().manual_seed(0))
+    out.loss_sum.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.glyph_encoder.parameters())

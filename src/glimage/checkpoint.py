@@ -180,18 +180,18 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str
               for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_head(missing)}")
+        problems.append(f"{len(missing)} missing tensor(s): {list_head(missing)}")
     if extra:
-        problems.append(f"{len(extra)} unexpected tensor(s): {_head(extra)}")
+        problems.append(f"{len(extra)} unexpected tensor(s): {list_head(extra)}")
     if shapes:
-        problems.append(f"{len(shapes)} misshaped tensor(s): {_head(shapes)}")
+        problems.append(f"{len(shapes)} misshaped tensor(s): {list_head(shapes)}")
     if problems:
         raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
 
 
-def _head(items: list[str], n: int = 5) -> str:
+def list_head(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
 
 

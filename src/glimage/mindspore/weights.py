@@ -12,7 +12,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from ..checkpoint import CheckpointError, _head, read_arrays, read_config
+from ..checkpoint import CheckpointError, list_head, read_arrays, read_config
 from ..convert import ar as conv_ar
 from ..convert import dit as conv_dit
 from ..convert import glyph as conv_glyph
@@ -32,7 +32,7 @@ def assign(cell: nn.Cell, arrays: dict[str, np.ndarray], what: str = "checkpoint
     extra = sorted(set(arrays) - set(params))
     shapes = [f"{k}: checkpoint {tuple(arrays[k].shape)} vs model {tuple(params[k].shape)}"
               for k in sorted(set(params) & set(arrays)) if tuple(arrays[k].shape) != tuple(params[k].shape)]
-    problems = [f"{len(m)} {kind} tensor(s): {_head(m)}" for m, kind in
+    problems = [f"{len(m)} {kind} tensor(s): {list_head(m)}" for m, kind in
                 ((missing, "missing"), (extra, "unexpected"), (shapes, "misshaped")) if m]
     if problems:
         raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
