@@ -20,7 +20,8 @@ from glimage.prompt import build_prompts
 from glimage.sampling import generate_grid_tokens
 from glimage.train.config import TrainConfig, load_config
 from glimage.train.losses import group_advantages, policy_gradient_loss
-from glimage.train.stages.grpo import GRPOStage, PromptRecords, _Sampler
+from glimage.train.stages.grpo import GRPOStage, _Sampler
+from glimage.train.stages.rl import PromptRecords
 
 SMALL_AR = {"ar.preview_side": 4}
 TEXTS = ["a red circle", "a blue square at the top of a rather long caption"]  # the second forces left padding

@@ -23,9 +23,7 @@ group's initial noise and every SDE step, so 2 ranks equal one process and a res
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -34,13 +32,11 @@ from ...flow import cfg_combine, gaussian_logprob, get_schedule, sde_step
 from ...glyph_text import encode_glyphs
 from ...pipeline import to_pil
 from ...validate import InputError
-from ..config import TrainConfig
-from ..losses import clipped_policy_loss, gaussian_kl, group_advantages
-from ..rewards import Reward, resolve_reward, score_images
+from ..losses import clipped_policy_loss, gaussian_kl
 from ..stage import StepOutput
 from .common import empty_output, random_pipeline, sample_generators
 from .decoder import DecoderStage
-from .grpo import PromptRecords
+from .rl import RLStage
 
 
 @dataclass
@@ -52,13 +48,9 @@ class Rollout:
     latents: torch.Tensor  # (G, C, h, w) the final latents (fp32)
 
 
-class FlowGRPOStage(DecoderStage):
+class FlowGRPOStage(RLStage, DecoderStage):
     name = "flow_grpo"
-
-    def __init__(self, cfg: TrainConfig, dataset=None, reward: Reward | None = None):
-        super().__init__(cfg, dataset)
-        self.reward = resolve_reward(reward or cfg.reward, cfg.reward_timeout)
-        self.pipe = self.ref = None
+    always_reference = False  # a second DiT's forward per step: only for a KL term
 
     def setup(self, device, dtype) -> None:
         from ...pipeline import GlmImagePipeline
@@ -72,22 +64,6 @@ class FlowGRPOStage(DecoderStage):
         self.glyph.eval().requires_grad_(False)
         self.guidance = float(pipe.defaults.get("guidance_scale", self.cfg.sample_guidance))
 
-    def build(self) -> nn.Module:
-        model = super().build()
-        if self.cfg.kl_coef and self.ref is None:  # the reference policy: the starting DiT, frozen
-            self.ref = copy.deepcopy(model).requires_grad_(False).eval()
-        return model
-
-    def dataset(self):
-        if self._dataset is None:
-            from ..data import prepare_data
-            self._dataset = PromptRecords(prepare_data(self.cfg))
-        return self._dataset
-
-    def collate(self, samples: list[dict | None]) -> dict[str, Any]:
-        samples = [s for s in samples if s is not None]
-        return {"records": [s["record"] for s in samples], "texts": [s["text"] for s in samples],
-                "index": [s["index"] for s in samples]}
 
     def velocity(self, model: nn.Module, x: torch.Tensor, texts: list[str], prior: torch.Tensor,
                  t: torch.Tensor) -> torch.Tensor:
@@ -151,10 +127,7 @@ class FlowGRPOStage(DecoderStage):
         rolls = [self.rollout(model, text, g) for text, g in zip(batch["texts"], gens)]
         images = [im for r in rolls for im in r.images]
         texts = [t for t in batch["texts"] for _ in range(G)]
-        rewards = score_images(self.reward, images, texts, [r for r in batch["records"] for _ in range(G)])
-        adv = group_advantages(rewards.view(-1, G), scale=self.cfg.adv_scale).flatten()
-        if self.cfg.positive_only:
-            adv = adv.clamp(min=0)
+        rewards, adv = self.score(images, texts, [r for r in batch["records"] for _ in range(G)])
         logp = torch.cat([r.logp for r in rolls])  # (B*G, K)
         loss, count, clipped = clipped_policy_loss(logp, logp.detach(), adv, self.cfg.clip_range)
         K = logp.shape[1]

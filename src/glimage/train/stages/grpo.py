@@ -19,17 +19,12 @@ lose mass together and sampling degrades. `nucleus_logp = false` reproduces it; 
 `positive_only` keeps only the draws above their group's mean (the first version's stable fallback).
 
 Data: the records of a shapes data folder (metadata.jsonl: caption, template, objects, position, word); the
-images are not read, and captions that are evaluation prompts are dropped (PromptRecords). The trained module
+images are not read, and captions that are evaluation prompts are dropped (rl.PromptRecords). The trained module
 (language model + head), its export and its samples are the ar stage's; `batch_size` counts captions, so one
 step scores batch_size * group_size images.
 """
 
 from __future__ import annotations
-
-import copy
-import json
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -38,42 +33,11 @@ from ...device import manual_generator
 from ...prior import upsample_ids
 from ...prompt import build_prompts
 from ...sampling import generate_grid_tokens
-from ...validate import InputError
-from ..config import TrainConfig
-from ..losses import clipped_policy_loss, group_advantages, kl_k3, sampling_logprobs, token_logprobs
-from ..rewards import Reward, resolve_reward, score_images
+from ..losses import clipped_policy_loss, kl_k3, sampling_logprobs, token_logprobs
 from ..stage import StepOutput
 from .ar import ARModel, ARStage, ar_batch
 from .common import empty_output, random_pipeline, sample_generators
-
-def eval_texts() -> set[str]:
-    """Every prompt of the shapes evaluation sets (seeds 0-9, 50 per category): RL never trains on them."""
-    from ...data.shapes import eval_prompts
-    return {p["prompt"] for seed in range(10) for p in eval_prompts(seed=seed, n_per_category=50)}
-
-
-class PromptRecords(torch.utils.data.Dataset):
-    """The records of a data folder's metadata.jsonl (what the reward checks the images against), without the
-    captions that are evaluation prompts (`dropped` counts them)."""
-
-    def __init__(self, root: str | Path):
-        path = Path(root) / "metadata.jsonl"
-        if not path.is_file():
-            raise InputError(f"data={str(root)!r}: the RL stages read the captions and their specs from "
-                             f"metadata.jsonl (a `glimage data shapes` folder); {path} not found")
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        held = eval_texts()
-        self.records = [r for r in records if r["text"] not in held]
-        self.dropped = len(records) - len(self.records)
-        if not self.records:
-            raise InputError(f"data={str(root)!r}: every caption in {path} is an evaluation prompt")
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"record": self.records[i], "text": self.records[i]["text"], "index": i}
+from .rl import RLStage
 
 
 class _Sampler:
@@ -91,19 +55,9 @@ class _Sampler:
         return self.model(input_ids, position_ids, mask, input_ids.shape[1] - 1, cache, pos)
 
 
-class GRPOStage(ARStage):
+class GRPOStage(RLStage, ARStage):
     name = "grpo"
-
-    def __init__(self, cfg: TrainConfig, dataset=None, reward: Reward | None = None):
-        super().__init__(cfg, dataset)
-        self.reward = resolve_reward(reward or cfg.reward, cfg.reward_timeout)
-        self.pipe = self.ref = None
-
-    def build(self) -> nn.Module:
-        model = super().build()
-        if self.ref is None:  # the reference policy: the starting AR, frozen (its KL is logged in any case)
-            self.ref = copy.deepcopy(model).requires_grad_(False).eval()
-        return model
+    always_reference = True  # a small AR: its KL is logged even at kl_coef = 0
 
     def setup(self, device, dtype) -> None:
         super().setup(device, dtype)
@@ -115,16 +69,6 @@ class GRPOStage(ARStage):
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
 
-    def dataset(self):
-        if self._dataset is None:
-            from ..data import prepare_data
-            self._dataset = PromptRecords(prepare_data(self.cfg))
-        return self._dataset
-
-    def collate(self, samples: list[dict | None]) -> dict[str, Any]:
-        samples = [s for s in samples if s is not None]
-        return {"records": [s["record"] for s in samples], "texts": [s["text"] for s in samples],
-                "index": [s["index"] for s in samples]}
 
     @torch.no_grad()
     def draw(self, model: ARModel, texts: list[str], generator: torch.Generator):
@@ -187,10 +131,7 @@ class GRPOStage(ARStage):
         draws = [self.draw(model, [t] * G, g) for t, g in zip(batch["texts"], gens)]
         tokens, prompts = torch.cat([d[0] for d in draws]), draws[0][1]
         images = [im for d in draws for im in d[2]]
-        rewards = score_images(self.reward, images, texts, [r for r in batch["records"] for _ in range(G)])
-        adv = group_advantages(rewards.view(-1, G), scale=self.cfg.adv_scale).flatten()
-        if self.cfg.positive_only:
-            adv = adv.clamp(min=0)
+        rewards, adv = self.score(images, texts, [r for r in batch["records"] for _ in range(G)])
         loss, count, metrics = self.policy_loss(model, texts, tokens, prompts, adv)
         # metrics are normalised by count (N * n tokens): these sums log the mean reward and its spread per group
         n = tokens.shape[1]
