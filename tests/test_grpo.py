@@ -19,7 +19,7 @@ from glimage.prior import run_prior
 from glimage.prompt import build_prompts
 from glimage.sampling import generate_grid_tokens
 from glimage.train.config import TrainConfig, load_config
-from glimage.train.losses import group_advantages, policy_gradient_loss
+from glimage.train.losses import clipped_policy_loss, group_advantages, token_logprobs
 from glimage.train.stages.grpo import GRPOStage, _Sampler
 from glimage.train.stages.rl import PromptRecords
 
@@ -53,18 +53,25 @@ def test_group_advantages_normalise_within_each_group():
     torch.testing.assert_close(a[0], torch.tensor([1.0, -1, -1, 1]), atol=1e-4, rtol=0)
     assert torch.equal(a[1], torch.zeros(4))  # no spread, no signal
     torch.testing.assert_close(a[2].std(unbiased=False), torch.tensor(1.0), atol=1e-4, rtol=0)
+    # a group that differs only by rounding: no signal, not float noise blown up to unit advantages
+    near = torch.tensor([[1.0, 1.0, 1.0, 1.0 - 1e-7], [0.7, 0.7, 0.7, 0.7]])
+    assert torch.equal(group_advantages(near), torch.zeros(2, 4))
+    torch.testing.assert_close(group_advantages(r, scale=False)[2], torch.tensor([-0.375, 0.125, 0.625, -0.375]))
 
 
-def test_policy_gradient_loss_is_advantage_weighted_log_likelihood():
+def test_on_policy_loss_is_advantage_weighted_log_likelihood():
     logits = torch.randn(2, 5, 7, requires_grad=True)
     tokens = torch.randint(0, 7, (2, 5))
     adv = torch.tensor([1.5, -0.5])
-    loss, count = policy_gradient_loss(logits, tokens, adv, temperature=0.8)
-    logp = torch.log_softmax(logits / 0.8, -1).gather(-1, tokens[..., None])[..., 0]
-    torch.testing.assert_close(loss, -(adv[:, None] * logp).sum())
-    assert count.item() == 10
-    loss.backward()
-    picked = logits.grad.gather(-1, tokens[..., None])[..., 0]
+    logp, _ = token_logprobs(logits, tokens, temperature=0.8)
+    loss, count, clipped = clipped_policy_loss(logp, logp.detach(), adv, 0.2)
+    want = torch.log_softmax(logits / 0.8, -1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(logp, want)
+    assert count.item() == 10 and clipped.item() == 0
+    (g,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (g_want,) = torch.autograd.grad(-(adv[:, None] * want).sum(), logits)
+    torch.testing.assert_close(g, g_want)  # the gradient of -A log p
+    picked = g.gather(-1, tokens[..., None])[..., 0]
     assert (picked[0] < 0).all() and (picked[1] > 0).all()  # descent raises the good draw, lowers the bad one
 
 

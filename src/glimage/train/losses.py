@@ -83,26 +83,17 @@ def code_usage(ids: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.T
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
     """GRPO's advantages: rewards (B, G) of G samples per prompt, normalised within each group (minus the group
-    mean, over its std). A group whose samples all score alike carries no signal and gets 0. scale=False keeps
-    the reward's own scale (minus the mean only, Dr. GRPO): a group that differs by a hair is not blown up to
-    unit spread."""
-    r = rewards.float()
+    mean, over its std). A group whose samples all score alike (std <= eps) carries no signal and gets exactly
+    0: dividing its rounding residue by a near-zero std would turn float noise into unit-sized advantages.
+    Computed in float64. scale=False keeps the reward's own scale (minus the mean only, Dr. GRPO): a group that
+    differs by a hair is not blown up to unit spread."""
+    r = rewards.double()
     centred = r - r.mean(dim=1, keepdim=True)
-    if not scale:
-        return centred
-    return centred / (r.std(dim=1, keepdim=True, unbiased=False) + eps)
-
-
-def policy_gradient_loss(logits: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """-A_i * log p(token) summed over every sampled token (B, N) of every sample i, count = B * N.
-
-    On-policy GRPO with one update per batch of samples: the clipped ratio pi/pi_old is 1, so the objective is
-    the group-normalised REINFORCE term, averaged per token (DAPO's token-level normalisation). log p is taken
-    under the temperature the tokens were sampled with (logits (B, N, V))."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None])[..., 0]
-    loss = -(advantages.float()[:, None].to(logp.device) * logp).sum()
-    return loss, torch.tensor(float(tokens.numel()), device=logits.device)
+    std = r.std(dim=1, keepdim=True, unbiased=False)
+    flat = std <= eps
+    if scale:
+        centred = centred / torch.where(flat, torch.ones_like(std), std)
+    return centred.masked_fill(flat, 0.0).float()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
@@ -118,7 +109,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     """PPO/GRPO's clipped surrogate: sum over samples i and their actions k (tokens, denoising steps) of
     max(-A_i r_ik, -A_i clip(r_ik, 1 - c, 1 + c)), r = exp(logp - old_logp); logp, old_logp (B, K), A (B,).
     -> (sum, count B * K, number of clipped terms). On-policy (old_logp = logp.detach()) it is -A log p in value
-    gradient, as policy_gradient_loss."""
+    gradient: the REINFORCE term -A log p, averaged per token as DAPO does."""
     ratio = torch.exp(logp - old_logp.detach())
     adv = advantages.float()[:, None].to(logp.device)
     loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
