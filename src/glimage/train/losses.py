@@ -108,8 +108,8 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
                         clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO/GRPO's clipped surrogate: sum over samples i and their actions k (tokens, denoising steps) of
     max(-A_i r_ik, -A_i clip(r_ik, 1 - c, 1 + c)), r = exp(logp - old_logp); logp, old_logp (B, K), A (B,).
-    -> (sum, count B * K, number of clipped terms). On-policy (old_logp = logp.detach()) it is -A log p in value
-    gradient: the REINFORCE term -A log p, averaged per token as DAPO does."""
+    -> (sum, count B * K, number of clipped terms). On-policy (old_logp = logp.detach()) its value is -sum A and
+    its gradient that of the REINFORCE term -A log p (per token, as DAPO normalises)."""
     ratio = torch.exp(logp - old_logp.detach())
     adv = advantages.float()[:, None].to(logp.device)
     loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
