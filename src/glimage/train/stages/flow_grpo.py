@@ -64,7 +64,6 @@ class FlowGRPOStage(RLStage, DecoderStage):
         self.glyph.eval().requires_grad_(False)
         self.guidance = float(pipe.defaults.get("guidance_scale", self.cfg.sample_guidance))
 
-
     def velocity(self, model: nn.Module, x: torch.Tensor, texts: list[str], prior: torch.Tensor,
                  t: torch.Tensor) -> torch.Tensor:
         """The DiT's velocity for latents x (G, C, h, w) as the pipeline's denoise computes it, CFG included:
