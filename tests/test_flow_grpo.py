@@ -206,6 +206,8 @@ def test_noise_level_zero_cannot_train(tmp_path):
         TrainConfig(stage="flow_grpo", noise_level=-1)
     with pytest.raises(ValueError, match="group_size=1"):
         TrainConfig(stage="flow_grpo", group_size=1)
+    with pytest.raises(ValueError, match="kl_coef=0.1 is for the RL stages"):
+        TrainConfig(stage="decoder", kl_coef=0.1)
     assert get_schedule(3, 64, 64, st.model_cfg.scheduler)[1][0] == 1.0  # the step the cap is for
 
 
@@ -220,6 +222,22 @@ def test_lora_trains_the_adapters_alone_and_the_glyph_encoder_can_train(tmp_path
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    # the reference policy of a LoRA run is the model with its adapters off, not a second copy
+    st, model = flow_stage(tmp_path, lora_rank=4, kl_coef=0.1)
+    assert st.ref is None and st.has_reference
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    base = flow_stage(tmp_path)[1].eval()  # the same seeded init, no adapters
+    x = torch.randn(3, st.model_cfg.dit.in_channels, 8, 8)  # 64 px, VAE x8
+    prior, t = torch.zeros(3, 16, dtype=torch.long), torch.full((3,), 500.0)
+    with torch.no_grad(), st.reference(model) as ref:
+        v_ref = st.velocity(ref, x, TEXTS[:1] * 3, prior, t)
+    torch.testing.assert_close(v_ref, st.velocity(base, x, TEXTS[:1] * 3, prior, t))
+    assert not torch.allclose(st.velocity(model, x, TEXTS[:1] * 3, prior, t), v_ref)  # adapters back on
+    roll = st.rollout(model, TEXTS[0], torch.Generator().manual_seed(2))
+    assert roll.kl.detach().sum() > 0
     st, model = flow_stage(tmp_path, train_glyph=True)
     out = st.step(model, st.collate(DATA), torch.Generator().manual_seed(0))
     out.loss_sum.backward()

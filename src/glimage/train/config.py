@@ -141,6 +141,8 @@ class TrainConfig:
                              f"(lora_rank={self.lora_rank})")
         if self.positive_only and self.stage not in ("grpo", "flow_grpo"):
             raise InputError(f"positive_only=true is for the RL stages only (stage={self.stage!r})")
+        if self.kl_coef and self.stage not in ("grpo", "flow_grpo"):
+            raise InputError(f"kl_coef={self.kl_coef} is for the RL stages grpo and flow_grpo (stage={self.stage!r})")
         if self.stage in ("grpo", "flow_grpo") and self.group_size < 2:
             raise InputError(f"group_size={self.group_size} must be >= 2 (GRPO compares the samples of a group)")
         if self.freeze_encoder and not self.base:

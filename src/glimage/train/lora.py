@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ class LoRALinear(nn.Linear):
         if dev.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init of A
         self.merged = False
+        self.disabled = False  # adapters_off: the base layer alone (an RL stage's reference policy)
 
     @property
     def scale(self) -> float:
@@ -61,7 +63,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B) * self.scale
 
@@ -94,6 +96,20 @@ def apply_lora(module: nn.Module, rank: int, alpha: float, targets=AR_TARGETS, f
 
 def lora_modules(module: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_off(module: nn.Module):
+    """Within the block the unmerged adapters are skipped: the module computes what its base weights do (the
+    starting model of a LoRA fine-tune, without a second copy of it)."""
+    mods = [m for m in lora_modules(module).values() if not m.merged]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield module
+    finally:
+        for m in mods:
+            m.disabled = False
 
 
 @torch.no_grad()

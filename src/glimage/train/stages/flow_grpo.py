@@ -105,9 +105,9 @@ class FlowGRPOStage(RLStage, DecoderStage):
             x_next, mean, std = sde_step(x, v, sigmas[k], sigmas[k + 1], a, sigmas[1], noise)
             x_next = x_next.detach()
             logps.append(gaussian_logprob(x_next, mean, std) if a > 0 else torch.zeros(G, device=self.device))
-            if self.ref is not None:
-                with torch.no_grad():
-                    v_ref = self.velocity(self.ref.to(self.device), x, texts, prior, t)
+            if self.has_reference:
+                with torch.no_grad(), self.reference(model) as ref:
+                    v_ref = self.velocity(ref, x, texts, prior, t)
                     mean_ref = sde_step(x, v_ref, sigmas[k], sigmas[k + 1], a, sigmas[1])[1]
                 kls.append(gaussian_kl(mean, mean_ref, std))
             x = x_next
@@ -134,7 +134,7 @@ class FlowGRPOStage(RLStage, DecoderStage):
         # metric sums normalised by count (images * steps) in the logs: mean reward, group spread, clip share
         metrics = {"reward": rewards.sum().to(count) * K, "group_std": spread.to(count) * K, "clip_frac": clipped,
                    "logp": logp.detach().sum()}
-        if self.ref is not None:
+        if self.has_reference:
             kl = torch.cat([r.kl for r in rolls])
             loss = loss + self.cfg.kl_coef * kl.sum()
             metrics["kl"] = kl.detach().sum()

@@ -110,9 +110,9 @@ class GRPOStage(RLStage, ARStage):
         logp, entropy, tail = self.token_logprobs(model, texts, tokens, prompts)
         loss, count, clipped = clipped_policy_loss(logp, logp.detach(), advantages, self.cfg.clip_range)
         metrics = {"entropy": entropy.detach().sum(), "tail_mass": tail.sum(), "clip_frac": clipped}
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logp = self.token_logprobs(self.ref.to(self.device), texts, tokens, prompts)[0]
+        if self.has_reference:
+            with torch.no_grad(), self.reference(model) as ref:
+                ref_logp = self.token_logprobs(ref, texts, tokens, prompts)[0]
             kl = kl_k3(logp, ref_logp)
             if self.cfg.kl_coef:
                 loss = loss + self.cfg.kl_coef * kl.sum()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from ...validate import InputError
 from ..config import TrainConfig
+from ..lora import adapters_off
 from ..losses import group_advantages
 from ..rewards import Reward, resolve_reward, score_images
 
@@ -70,9 +72,23 @@ class RLStage:
 
     def build(self) -> nn.Module:
         model = super().build()
-        if self.ref is None and (self.cfg.kl_coef or self.always_reference):
-            self.ref = copy.deepcopy(model).requires_grad_(False).eval()  # the starting model, frozen
+        # the starting model, frozen; a LoRA run's is the trained model with its adapters off (no second copy)
+        if self.ref is None and not self.cfg.lora_rank and (self.cfg.kl_coef or self.always_reference):
+            self.ref = copy.deepcopy(model).requires_grad_(False).eval()
         return model
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref is not None or (bool(self.cfg.lora_rank) and bool(self.cfg.kl_coef or self.always_reference))
+
+    @contextmanager
+    def reference(self, model: nn.Module):
+        """The reference policy to run under no_grad: the frozen copy, or `model` with its LoRA adapters off."""
+        if self.ref is not None:
+            yield self.ref.to(self.device)
+        else:
+            with adapters_off(model) as base:
+                yield base
 
     def dataset(self):
         if self._dataset is None:
