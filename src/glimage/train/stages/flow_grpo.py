@@ -12,8 +12,8 @@ frozen (both Gaussians have the step's std, so the KL is |mean - mean_ref|^2 / 2
 
 The trajectory is drawn with gradients on: each step's mean keeps its graph and the next state is detached
 (a policy gradient treats the states as given), so the draw and the loss share one forward per step instead of
-Flow-GRPO's second pass. Hence one update per draw, pi_old = pi and r = 1 in value; the clip and its logged
-fraction guard runs that reuse draws. The memory is that of group_size * reward_steps forward passes: split
+Flow-GRPO's second pass. Hence one update per draw, pi_old = pi and r = 1 in value: the clip would act only on
+reused draws, which this version does not make (clip_frac is 0). The memory is that of group_size * reward_steps forward passes: split
 captions over ranks and `grad_accum`, or train LoRA adapters (`lora_rank`) at the official widths.
 
 Full weights or LoRA, the glyph encoder frozen or trained (`train_glyph`), the export and the samples are the
