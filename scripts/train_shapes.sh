@@ -15,7 +15,7 @@
 # run concurrently, one thread each, from the assembled model, and the result takes the AR of the one and
 # the DiT of the other.
 #   --rl          RL after the chain (the chain's model stays in runs/shapes/model-sl)
-#   --rl-only     only the RL stages, on $BASE (default: the shipped model), ~45 min on this 2-core CPU
+#   --rl-only     only the RL stages, on $BASE (default: the shipped model), ~40 min on this 2-core CPU (36 and 19 min side by side)
 # Per-stage wall times go to runs/shapes-times.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."

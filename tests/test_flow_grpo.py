@@ -232,10 +232,11 @@ def test_lora_trains_the_adapters_alone_and_the_glyph_encoder_can_train(tmp_path
     base = flow_stage(tmp_path)[1].eval()  # the same seeded init, no adapters
     x = torch.randn(3, st.model_cfg.dit.in_channels, 8, 8)  # 64 px, VAE x8
     prior, t = torch.zeros(3, 16, dtype=torch.long), torch.full((3,), 500.0)
+    glyphs = st.glyph_inputs(model, TEXTS[:1] * 3)
     with torch.no_grad(), st.reference(model) as ref:
-        v_ref = st.velocity(ref, x, TEXTS[:1] * 3, prior, t)
-    torch.testing.assert_close(v_ref, st.velocity(base, x, TEXTS[:1] * 3, prior, t))
-    assert not torch.allclose(st.velocity(model, x, TEXTS[:1] * 3, prior, t), v_ref)  # adapters back on
+        v_ref = st.velocity(ref, x, glyphs, prior, t)
+    torch.testing.assert_close(v_ref, st.velocity(base, x, glyphs, prior, t))
+    assert not torch.allclose(st.velocity(model, x, glyphs, prior, t), v_ref)  # adapters back on
     roll = st.rollout(model, TEXTS[0], torch.Generator().manual_seed(2))
     assert roll.kl.detach().sum() > 0
     st, model = flow_stage(tmp_path, train_glyph=True)

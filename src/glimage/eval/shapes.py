@@ -132,9 +132,10 @@ def same_kind(obj: dict, want: dict) -> bool:
     return obj["color"] == want["color"] and obj["shape"] == want["shape"]
 
 
-def check(image: Image.Image, spec: dict) -> tuple[bool, dict]:
-    """Is `image` a correct rendering of `spec` (a metadata record or an eval prompt)? -> (ok, details)."""
-    objs = find_objects(image)
+def check(image: Image.Image, spec: dict, objects: list[dict] | None = None) -> tuple[bool, dict]:
+    """Is `image` a correct rendering of `spec` (a metadata record or an eval prompt)? -> (ok, details).
+    objects: find_objects(image), when the caller has them already."""
+    objs = find_objects(image) if objects is None else objects
     t = spec["template"]
     found = [(o["color"], o["shape"]) for o in objs]
     if t == "sign":
@@ -182,12 +183,12 @@ def partial_score(image: Image.Image, spec: dict) -> float:
     """`check` with partial credit: 1.0 exactly when it passes, else < 1. Objects: the mean of one term per
     wanted object found (colour and shape), one for the number of objects and one for the position or relation
     (judged on the objects found); a sign: the word's partial credit, halved when stray objects are drawn."""
-    ok, _ = check(image, spec)
+    objs = find_objects(image)
+    ok, detail = check(image, spec, objs)  # the sign read once, the objects found once
     if ok:
         return 1.0
-    objs = find_objects(image)
     if spec["template"] == "sign":
-        return min(word_score(read_sign(image), spec["word"]) * (0.5 if objs else 1.0), 0.9)
+        return min(word_score(detail["word"], spec["word"]) * (0.5 if objs else 1.0), 0.9)
     left, found = list(objs), []
     for want in spec["objects"]:
         o = next((o for o in left if same_kind(o, want)), None)

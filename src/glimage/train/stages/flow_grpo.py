@@ -64,26 +64,31 @@ class FlowGRPOStage(RLStage, DecoderStage):
         self.glyph.eval().requires_grad_(False)
         self.guidance = float(pipe.defaults.get("guidance_scale", self.cfg.sample_guidance))
 
-    def velocity(self, model: nn.Module, x: torch.Tensor, texts: list[str], prior: torch.Tensor,
+    def glyph_inputs(self, model: nn.Module, texts: list[str]) -> tuple:
+        """(conditional, unconditional) glyph inputs of the G images: embeddings of the prompts and of "" from
+        the frozen encoder, computed once per rollout; or the strings, for a model that owns (trains) its encoder
+        and so must encode them inside each forward."""
+        blank = [""] * len(texts)
+        if hasattr(model, "glyph_encoder"):
+            return texts, blank
+        with torch.no_grad():
+            return (encode_glyphs(self.glyph, texts, self.device, self.dtype),
+                    encode_glyphs(self.glyph, blank, self.device, self.dtype))
+
+    def velocity(self, model: nn.Module, x: torch.Tensor, glyphs: tuple, prior: torch.Tensor,
                  t: torch.Tensor) -> torch.Tensor:
         """The DiT's velocity for latents x (G, C, h, w) as the pipeline's denoise computes it, CFG included:
-        the conditional branch (prior tokens kept, glyphs of the prompt) and the unconditional one (all prior
-        tokens dropped, glyphs of ""). A model that owns its glyph encoder encodes the prompts itself."""
+        the conditional branch (prior tokens kept, the prompts' glyphs) and the unconditional one (all prior
+        tokens dropped, the glyphs of ""); glyphs from glyph_inputs."""
         G = x.shape[0]
         size = self.cfg.image_size
         hw = torch.tensor([[size, size]], device=self.device, dtype=self.dtype).repeat(G, 1)
         crop = torch.zeros(G, 2, device=self.device, dtype=self.dtype)
-        own = hasattr(model, "glyph_encoder")
-
-        def glyphs(strings):
-            return strings if own else encode_glyphs(self.glyph, strings, self.device, self.dtype)
-
         keep = torch.zeros_like(prior, dtype=torch.bool)
         x = x.to(self.dtype)
-        v = model(x, glyphs(texts), prior, keep, t, hw, crop).float()
+        v = model(x, glyphs[0], prior, keep, t, hw, crop).float()
         if self.guidance > 1:
-            v_u = model(x, glyphs([""] * G), prior, ~keep, t, hw, crop).float()
-            v = cfg_combine(v_u, v, self.guidance)
+            v = cfg_combine(model(x, glyphs[1], prior, ~keep, t, hw, crop).float(), v, self.guidance)
         return v
 
     def rollout(self, model: nn.Module, text: str, generator: torch.Generator) -> Rollout:
@@ -96,18 +101,18 @@ class FlowGRPOStage(RLStage, DecoderStage):
         C, h, w = self.model_cfg.dit.in_channels, size // ds, size // ds
         timesteps, sigmas = get_schedule(K, size, size, self.model_cfg.scheduler, ds, self.model_cfg.dit.patch_size)
         x = torch.randn(G, C, h, w, generator=generator).to(self.device)
-        texts = [text] * G
+        glyphs = self.glyph_inputs(model, [text] * G)
         logps, kls = [], []
         for k in range(K):
             t = timesteps[k].to(self.device, self.dtype).expand(G)
-            v = self.velocity(model, x, texts, prior, t)
+            v = self.velocity(model, x, glyphs, prior, t)
             noise = torch.randn(G, C, h, w, generator=generator).to(self.device)
             x_next, mean, std = sde_step(x, v, sigmas[k], sigmas[k + 1], a, sigmas[1], noise)
             x_next = x_next.detach()
             logps.append(gaussian_logprob(x_next, mean, std) if a > 0 else torch.zeros(G, device=self.device))
             if self.has_reference:
                 with torch.no_grad(), self.reference(model) as ref:
-                    v_ref = self.velocity(ref, x, texts, prior, t)
+                    v_ref = self.velocity(ref, x, glyphs, prior, t)
                     mean_ref = sde_step(x, v_ref, sigmas[k], sigmas[k + 1], a, sigmas[1])[1]
                 kls.append(gaussian_kl(mean, mean_ref, std))
             x = x_next
