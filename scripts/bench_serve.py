@@ -8,6 +8,10 @@ compared with the `--max-batch 1` one of the same prompt and seed (served alone,
 
 On a GPU, e.g. `--model random:glm-image --size 512x512 --steps 20` (random weights built on the device).
 
+With --ray: the Ray Serve application (`glimage serve --ray`, a local cluster) with 1 and with 2 DiT replicas
+against `glimage serve --threads 1` (one DiT worker: the same compute as one replica), and every image compared
+with glimage serve's. Each Ray replica runs one torch thread.
+
 Loopback only; each server is a fresh process.
 """
 
@@ -109,11 +113,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
     p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default: the server's auto)")
+    p.add_argument("--ray", action="store_true", help="the Ray app with 1 and 2 DiT replicas vs glimage serve")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = jobs(args.requests)
     rows, images = {}, {}
-    for name, extra in (("batched + pipelined (defaults)", []), ("--max-batch 1", ["--max-batch", "1"])):
+    runs = (("batched + pipelined (defaults)", []), ("--max-batch 1", ["--max-batch", "1"]))
+    if args.ray:
+        runs = (("glimage serve --threads 1", ["--threads", "1"]), ("ray, 1 DiT replica", ray_args(1)),
+                ("ray, 2 DiT replicas", ray_args(2)))
+    for name, extra in runs:
         proc, url = start(extra + (["--dtype", args.dtype] if args.dtype else []), args.model)
         try:
             wall, lat, images[name] = serve_run(url, work, args.clients, args.steps, args.size)
@@ -122,6 +131,8 @@ def main() -> None:
             proc.wait(timeout=60)
         rows[name] = {"images_per_s": len(work) / wall, "p50_s": float(np.percentile(lat, 50)),
                       "p95_s": float(np.percentile(lat, 95))}
+    if args.ray:
+        return report_ray(args, work, rows, images)
     hw = tuple(int(v) for v in reversed(args.size.split("x"))) if args.size else None
     wall = sequential_run(work, args.model, args.steps, hw, args.dtype)
     rows["one after another, one process"] = {"images_per_s": len(work) / wall}
@@ -138,6 +149,33 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"clients": args.clients, "requests": len(work), "rows": rows, "pixel_diffs": diffs}, f,
                       indent=2)
+
+
+def ray_args(dit_replicas: int) -> list[str]:
+    """`glimage serve --ray` on a local cluster: ingress, one AR replica, `dit_replicas` DiT replicas."""
+    import tempfile
+    cfg = {"applications": [{"name": "glimage", "import_path": "glimage.cluster.serve:build", "route_prefix": "/",
+                             "args": {"ar": {"ray_actor_options": {"num_cpus": 0.5}},
+                                      "dit": {"num_replicas": dit_replicas, "ray_actor_options": {"num_cpus": 1}}}}]}
+    f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    json.dump(cfg, f)  # JSON is YAML
+    f.close()
+    return ["--ray", "--ray-config", f.name]
+
+
+def report_ray(args, work, rows: dict, images: dict) -> None:
+    base_name = "glimage serve --threads 1"
+    base = rows[base_name]["images_per_s"]
+    print(f"{args.clients} clients, {len(work)} images of {args.model or 'the shipped model'}")
+    for name, r in rows.items():
+        same = sum(np.array_equal(images[name][j], images[base_name][j]) for j in work)
+        print(f"  {name:28s} {r['images_per_s']:.2f} images/s ({r['images_per_s'] / base:.2f}x glimage serve), "
+              f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s; {same}/{len(work)} images identical to glimage serve's")
+    two, one = rows["ray, 2 DiT replicas"]["images_per_s"], rows["ray, 1 DiT replica"]["images_per_s"]
+    print(f"  2 DiT replicas / 1: {two / one:.2f}x; Ray overhead at 1 replica: {(1 - one / base) * 100:.1f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"clients": args.clients, "requests": len(work), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -285,7 +285,7 @@ def workload_defaults(model: str | None, preset: str | None, i2i: bool) -> tuple
     """(height, width, steps, guidance, model folder) a bench runs when not told: the model's own (its
     glimage.json; the shipped model without --model or --preset), else 1024 within its range, 50 steps, 1.5."""
     from .checkpoint import read_json
-    from .cliargs import _model_spec
+    from .cliargs import model_spec
     from .config import PRESETS
     from .convert.ar import read_ar_config
     from .pipeline import CALL_DEFAULTS
@@ -295,7 +295,7 @@ def workload_defaults(model: str | None, preset: str | None, i2i: bool) -> tuple
             raise InputError(f"--preset {preset!r}: unknown; presets: {', '.join(PRESETS)}", "preset")
         cfg, defaults = PRESETS[preset].ar, {}
     else:
-        _, folder = _model_spec(model)
+        _, folder = model_spec(model)
         cfg, model = read_ar_config(folder), str(folder)
         defaults = read_json(folder / "glimage.json") if (folder / "glimage.json").is_file() else {}
     defaults = {**CALL_DEFAULTS, **defaults}
@@ -313,7 +313,7 @@ def _check_workload(model: str | None, preset: str | None, wl: Workload) -> None
 
 
 def add_parser(sub, parents=()) -> None:
-    from .cliargs import _device_args
+    from .cliargs import device_args
     b = sub.add_parser("bench", help="time a fixed workload stage by stage (optionally against the reference)",
                        parents=list(parents))
     b.add_argument("model", nargs="?", default=None, help="model folder (default: the shipped model), or --preset")
@@ -333,8 +333,8 @@ def add_parser(sub, parents=()) -> None:
     b.add_argument("--compile", action="store_true", help="time the compiled path (GlmImagePipeline.enable_compile)")
     b.add_argument("--offload", action="store_true", help="time with the weights in CPU memory, each component "
                    "moved to the accelerator while it runs (GlmImagePipeline.enable_model_cpu_offload)")
-    from .cliargs import _fast_args
-    _fast_args(b)
+    from .cliargs import fast_args
+    fast_args(b)
     b.add_argument("--json", default=None, help="also write the results here")
-    _device_args(b)
+    device_args(b)
     b.set_defaults(fn=main)

@@ -181,6 +181,6 @@ def add_parser(sub, parents=()) -> None:
     p.add_argument("--only", nargs="+", choices=("ar", "vision", "glyph", "dit", "vae"), help="these components only")
     p.add_argument("--measure", action="store_true", help="also print 1.25x each error: the tolerances' source")
     p.add_argument("--json", default=None, help="also write the rows here")
-    from .cliargs import _device_args
-    _device_args(p)
+    from .cliargs import device_args
+    device_args(p)
     p.set_defaults(fn=main)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .backends import BACKENDS
-from .cliargs import Parser, _device_args, _fast_args, _leaf, _model_spec, run
+from .cliargs import Parser, device_args, fast_args, leaf, load_pipeline, model_spec, run
 from .validate import InputError
 
 MAX_CLI_IMAGES = 1000  # --num-images: independent draws, one after another (memory stays that of one)
@@ -26,6 +26,12 @@ def _generate(args) -> int:
     from .image import load_image
     from .validate import MAX_GUIDANCE, check_float, check_int, check_output_paths, check_prompt, check_seed, parse_size
 
+    if args.prompts is not None or args.prompt is None:
+        from .batch import main as batch_main
+        return batch_main(args)
+    for flag, value in (("--out", args.out), ("--ray", args.ray)):
+        if value is not None:
+            raise InputError(f"{flag} goes with --prompts FILE.jsonl (for one prompt use -o FILE)", flag[2:])
     # every check that needs no model runs before any model is loaded, and before a fresh seed is announced
     prompt = check_prompt(args.prompt)
     if args.size is not None:
@@ -43,7 +49,7 @@ def _generate(args) -> int:
         check_float("--step-cache", args.step_cache, 0, 10, lo_open=True)
     paths = check_output_paths(args.output, n)
     sources = [load_image(p, "--image") for p in args.image or []]
-    preset, folder = _model_spec(args.model)
+    preset, folder = model_spec(args.model)
     if args.backend == "mindspore":
         torch_only = [f for f, on in (("--offload", args.offload),
                                       ("--step-cache", args.step_cache), ("--ar-int8", args.ar_int8)) if on]
@@ -52,23 +58,8 @@ def _generate(args) -> int:
                              "backend")
     _check_size_early(preset, folder, args.height, args.width, sources)
 
-    from . import backends
-    from .device import set_threads
-
-    threads = set_threads(args.threads)
-    if args.backend == "mindspore":
-        from .mindspore.pipeline import set_cpu_threads
-        set_cpu_threads(threads)
     t0 = time.perf_counter()
-    if preset:  # any preset with random weights: smoke tests and benchmarks
-        pipe = backends.from_config(preset, args.backend, seed=0, device=args.device, dtype=args.dtype)
-    else:
-        pipe = backends.from_pretrained(folder, args.backend, device=args.device, dtype=args.dtype,
-                                        offload=args.offload)
-    pipe.set_progress_bar_config(disable=args.quiet)
-    if args.compile:
-        pipe.enable_compile()
-    pipe.enable_fast(args.step_cache, args.ar_int8)
+    pipe, threads = load_pipeline(args, preset, folder)
     load_s = time.perf_counter() - t0
     if args.seed is None and not args.quiet:
         print(f"seed {seed} (pass --seed {seed} to draw {'these' if n > 1 else 'this'} again)", file=sys.stderr)
@@ -99,20 +90,14 @@ def _check_size_early(preset: str, folder: Path | None, height, width, sources: 
     weight loading and before a fresh seed is announced. A side left unset takes the model's default, as the
     pipeline resolves it (GlmImagePipeline.default_size): the folder's glimage.json, else 1024 within the
     model's range; for an edit the first source's size, snapped to the grid and the range."""
-    from .checkpoint import read_json
-    from .validate import check_target_size, default_size
+    from .card import ModelCard
+    from .validate import check_target_size
 
-    if folder is not None:
-        from .convert.ar import read_ar_config
-        cfg = read_ar_config(folder)
-        defaults = read_json(folder / "glimage.json") if (folder / "glimage.json").is_file() else {}
-    else:
-        from .config import PRESETS
-        cfg, defaults = PRESETS[preset].ar, {}
+    card = ModelCard.read(preset, folder)
     if height is None or width is None:
-        dh, dw = default_size(cfg, defaults, sources[0].size if sources else None)
+        dh, dw = card.default_size(sources[0].size if sources else None)
         height, width = dh if height is None else height, dw if width is None else width
-    check_target_size(height, width, cfg, text_to_image=not sources)
+    check_target_size(height, width, card.ar_cfg, text_to_image=not sources)
 
 
 def _info(args) -> int:
@@ -120,7 +105,7 @@ def _info(args) -> int:
     if path is not None and path.is_file():
         return _info_image(path)
     from .pipeline import DEFAULT_MODEL
-    if _model_spec(str(path) if path else None, "PATH")[0]:
+    if model_spec(str(path) if path else None, "PATH")[0]:
         raise InputError(f"PATH {str(path)!r}: info reads a model folder or an image; random:PRESET has no folder",
                          "path")
     return _info_folder(path or DEFAULT_MODEL, shipped=path is None)
@@ -229,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images. Unset options take the model's own defaults: the shipped "
                        "model draws 128x128 in 20 steps with guidance 3.0, the official one 1024x1024 in 50 steps "
                        "with guidance 1.5 (`glimage info MODEL` prints them).")
-    g.add_argument("prompt", help="what to draw; quoted text (\"OPEN\") is drawn as lettering")
+    g.add_argument("prompt", nargs="?", default=None, help="what to draw; quoted text (\"OPEN\") is drawn as "
+                   "lettering (or --prompts FILE.jsonl)")
     g.add_argument("--model", default=None, help="GLM-Image folder (official layout), or random:PRESET (e.g. "
                    "random:tiny); default: the small model shipped in the package")
     g.add_argument("-o", "--output", default="out.png", help="PNG, JPEG or WebP file; with --num-images N: "
@@ -247,15 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="seed of the first image (default: a fresh random seed, "
                    "printed); image i of --num-images uses seed + i")
     g.add_argument("--num-images", type=int, default=1, help=f"independent draws (AR included), 1-{MAX_CLI_IMAGES}")
-    _device_args(g)
+    device_args(g)
     g.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each stage to the GPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks "
                    "(CUDA: the decode as a CUDA graph); with --backend mindspore: both in graph mode (ms.jit); pays off "
                    "over many images or large models")
-    _fast_args(g)
+    fast_args(g)
     g.add_argument("--backend", choices=BACKENDS, default="torch", help="run the models in PyTorch "
                    "(default) or MindSpore (pip install \"glimage[mindspore]\"; same seed, same tokens, the image "
                    "within 1/255; slower on a CPU: see README)")
+    b = g.add_argument_group("batch", "many prompts into a folder, resumable (see glimage.batch)")
+    b.add_argument("--prompts", default=None, metavar="FILE.jsonl", help="one JSON object per line: prompt, and "
+                   "optionally seed (default --seed + line), size, num_inference_steps, guidance_scale, image, "
+                   "file_name; instead of PROMPT")
+    b.add_argument("--out", default=None, metavar="DIR", help="with --prompts: the images and metadata.jsonl "
+                   "(Hugging Face imagefolder); a rerun skips the images already there")
+    b.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help="with --prompts: run "
+                   "on Ray Data, the AR and the DiT as separate actor pools (pip install \"glimage[ray]\"); "
+                   "ADDRESS of a running cluster (e.g. auto), else a local one")
+    b.add_argument("--ar-actors", type=int, default=1, help="with --ray: AR actors (default 1)")
+    b.add_argument("--dit-actors", type=int, default=None, help="with --ray: DiT actors (default: the cluster's "
+                   "CPUs or GPUs left after the AR's)")
+    b.add_argument("--gpus-per-actor", type=float, default=0, help="with --ray: GPUs each actor takes (default 0)")
     g.add_argument("-q", "--quiet", action="store_true")
     g.set_defaults(fn=_generate)
     i = sub.add_parser("info", help="a model folder (default: the shipped model) or an image's generation "
@@ -280,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--steps", type=int, default=None, help="default: the model's")
     es.add_argument("--guidance", type=float, default=None, help="default: the model's")
     es.add_argument("--out", default=None, help="write samples.png, table.md, results.jsonl here")
-    _device_args(es)
+    device_args(es)
     es.set_defaults(fn=_eval_shapes)
     from .bench import add_parser as add_bench_parser
     from .check import add_parser as add_check_parser
@@ -305,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # reported by the subcommand's parser: its usage, the closest of its options
-        _leaf(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
+        leaf(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
     debug = getattr(args, "debug", False) or (args.command == "train" and "--debug" in args.args)
     return run(f"glimage {args.command}", lambda: args.fn(args), debug)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from .validate import InputError
 
 
-def _model_spec(model: str | None, arg: str = "--model") -> tuple[str, Path | None]:
+def model_spec(model: str | None, arg: str = "--model") -> tuple[str, Path | None]:
     """"random:PRESET" -> (preset, None); a folder -> ("", path); None -> the shipped model. `arg` names the
     argument the value came from in error messages (--model, or info's PATH)."""
     from .pipeline import DEFAULT_MODEL
@@ -39,6 +39,28 @@ def _model_spec(model: str | None, arg: str = "--model") -> tuple[str, Path | No
     return "", path
 
 
+def load_pipeline(args, preset: str, folder: Path | None):
+    """(pipeline, torch threads): --model on --device/--dtype with --offload, --compile and the fast modes, as
+    the generating commands load it; --threads is applied first."""
+    from . import backends
+    from .device import set_threads
+
+    threads = set_threads(args.threads)
+    backend = getattr(args, "backend", "torch")
+    if backend == "mindspore":
+        from .mindspore.pipeline import set_cpu_threads
+        set_cpu_threads(threads)
+    if preset:  # any preset with random weights: smoke tests and benchmarks
+        pipe = backends.from_config(preset, backend, seed=0, device=args.device, dtype=args.dtype)
+    else:
+        pipe = backends.from_pretrained(folder, backend, device=args.device, dtype=args.dtype, offload=args.offload)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    if args.compile:
+        pipe.enable_compile()
+    pipe.enable_fast(args.step_cache, args.ar_int8)
+    return pipe, threads
+
+
 def _threads(text: str):
     if text == "auto":
         return text
@@ -51,7 +73,7 @@ def _threads(text: str):
     return n
 
 
-def _device_args(p: argparse.ArgumentParser) -> None:
+def device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda[:N], npu[:N], mps (default: the best available)")
     p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default auto: bf16 on GPU/NPU; on the CPU bf16 "
                    "for a model stored in bf16 where the CPU has AMX, else fp32)")
@@ -60,7 +82,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
                         "set, wins). More threads than free cores make every op wait for the slowest one")
 
 
-def _fast_args(p: argparse.ArgumentParser) -> None:
+def fast_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-cache", type=float, default=None, metavar="T", help="opt-in: skip DiT blocks on steps "
                    "whose first block barely changes (threshold T: 0.2-0.3 gave 1.5-1.7x with no checker loss on "
                    "the shipped model; see README)")
@@ -90,13 +112,13 @@ class Parser(argparse.ArgumentParser):
         return f" (did you mean {', '.join(found)}?)" if found else ""
 
 
-def _leaf(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+def leaf(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
     """The (sub)parser of the command `args` came from: glimage generate's, glimage eval shapes', ..."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             name = getattr(args, action.dest, None)
             if name in action.choices:
-                return _leaf(action.choices[name], args)
+                return leaf(action.choices[name], args)
     return parser
 
 

@@ -108,7 +108,7 @@ class GlmImagePipeline:
                  vae: AutoencoderKL, scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype):
         self.ar, self.tokenizer, self.glyph_encoder, self.dit, self.vae = ar, tokenizer, glyph_encoder, dit, vae
         self.channels_last = False  # the VAE's convolutions take channels-last input
-        self.tuned = device.type == "cpu" and ar.device.type == "cpu"  # not for offload to an accelerator
+        self.tuned = device.type == "cpu" and (ar is None or ar.device.type == "cpu")  # not for offload to a GPU
         if self.tuned:
             self._tune_for_cpu()
         self.scheduler = scheduler
@@ -120,11 +120,13 @@ class GlmImagePipeline:
         self.fast: dict = {}  # opt-in fast modes in effect (enable_fast): not the exact path
 
     def _tune_for_cpu(self) -> None:  # the weight layouts measured fastest per dtype (glimage.layouts); idempotent
-        tune_linears_for_cpu(self.ar.language_model)
-        self.ar.lm_head = column_major_linears(packed(self.ar.lm_head))
-        # oneDNN's convolutions run ~1.2x faster channels-last (decoded pixels within 3e-5 of NCHW)
-        self.vae.to(memory_format=torch.channels_last)
-        self.channels_last = True
+        if self.ar is not None:
+            tune_linears_for_cpu(self.ar.language_model)
+            self.ar.lm_head = column_major_linears(packed(self.ar.lm_head))
+        if self.vae is not None:
+            # oneDNN's convolutions run ~1.2x faster channels-last (decoded pixels within 3e-5 of NCHW)
+            self.vae.to(memory_format=torch.channels_last)
+            self.channels_last = True
 
     # -- construction
 
@@ -135,26 +137,34 @@ class GlmImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device=None, dtype=None,
-                        offload: bool = False, ar_device=None) -> "GlmImagePipeline":
+                        offload: bool = False, ar_device=None, parts: tuple[str, ...] = ("ar", "dit")
+                        ) -> "GlmImagePipeline":
         """Read an official GLM-Image folder; no path = the small model shipped in the package (offline).
         offload=True keeps the weights in CPU memory and moves each component to the accelerator only while it
         runs (the 10 B AR and 7 B DiT are never resident together). ar_device: run the AR on another device
         than the rest (only prior ids cross between them), e.g. "cuda:0" and device="cuda:1".
+        parts: the halves to load, "ar" (the AR and its tokenizer) and/or "dit" (the glyph encoder, the DiT, the
+        VAE); the other's components are None (a Ray AR or DiT replica holds only its own half).
         The MindSpore backend: glimage.from_pretrained(path, backend="mindspore") (glimage.backends)."""
         path = model_folder(path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device, stored_dtype(path / "vision_language_encoder"))
         load_to = torch.device("cpu") if offload else device
         ar_to = load_to if offload or ar_device is None else resolve_device(ar_device)
-        pipe = cls(load_ar(path, ar_to, dtype), GlmTokenizer.from_folder(path / "processor"),
-                   load_glyph_encoder(path / "text_encoder", load_to, dtype), load_dit(path / "transformer", load_to, dtype),
-                   load_vae(path / "vae", load_to, dtype),
+        bad = set(parts) - {"ar", "dit"}
+        if bad or not parts:
+            raise InputError(f"parts={parts!r}: name \"ar\" and/or \"dit\"", "parts")
+        ar, dit = "ar" in parts, "dit" in parts
+        pipe = cls(load_ar(path, ar_to, dtype) if ar else None, GlmTokenizer.from_folder(path / "processor"),
+                   load_glyph_encoder(path / "text_encoder", load_to, dtype) if dit else None,
+                   load_dit(path / "transformer", load_to, dtype) if dit else None,
+                   load_vae(path / "vae", load_to, dtype) if dit else None,
                    scheduler_from_official(read_json(path / "scheduler" / "scheduler_config.json")), device, dtype)
         pipe.offload = offload
         if (path / "glimage.json").is_file():
             pipe.defaults = read_json(path / "glimage.json")
-        for component in ("vision_language_encoder", "transformer"):  # adapters exported unmerged by training
-            if (path / component / "lora.json").is_file():
+        for component, part in (("vision_language_encoder", "ar"), ("transformer", "dit")):  # unmerged adapters
+            if part in parts and (path / component / "lora.json").is_file():
                 pipe.load_lora_weights(path / component, component)
         return pipe
 
@@ -213,11 +223,11 @@ class GlmImagePipeline:
         (sampling.static_step; on CUDA in mode reduce-overhead, i.e. captured as a CUDA graph) and each DiT
         block. The same tokens (tested); images within the parity tolerance. The first call compiles (~10 s)."""
         from .sampling import static_step
-        if ar:
+        if ar and self.ar is not None:
             unpack_linears(self.ar)  # compiled graphs cannot take oneDNN's packed weights (glimage.layouts)
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.decode_step = torch.compile(static_step, mode=mode, dynamic=False)
-        if dit:
+        if dit and self.dit is not None:
             for block in self.dit.transformer_blocks:
                 block.compile()  # in place: the state dict keeps its names
 
@@ -226,9 +236,9 @@ class GlmImagePipeline:
         DiT step cache's threshold (0.05-0.3; higher skips more), ar_int8 = weight-only int8 AR weights."""
         from .fast import Int8Linear, StepCache, quantize_int8
         self.fast.update({k: v for k, v in (("step_cache", step_cache), ("ar_int8", ar_int8)) if v})
-        if step_cache:
+        if step_cache and self.dit is not None:
             StepCache(self.dit, check_float("step_cache", step_cache, 0, 10, lo_open=True)).install()
-        if ar_int8:
+        if ar_int8 and self.ar is not None:
             quantize_int8(self.ar.language_model)
             self.ar.lm_head = Int8Linear(self.ar.lm_head)
 
@@ -237,7 +247,8 @@ class GlmImagePipeline:
 
     def enable_model_cpu_offload(self) -> None:
         for m in (self.ar, self.glyph_encoder, self.dit, self.vae):
-            m.to("cpu")
+            if m is not None:
+                m.to("cpu")
         self.offload = True
 
     @contextlib.contextmanager
@@ -475,4 +486,4 @@ class GlmImagePipeline:
     @property
     def ar_device(self) -> torch.device:
         """Where the AR runs: the pipeline's device, or its own (from_pretrained(ar_device=...))."""
-        return self.device if self.offload else self.ar.device
+        return self.device if self.offload or self.ar is None else self.ar.device

@@ -59,8 +59,13 @@ def main(args) -> int:
         raise InputError(f"--host {args.host} is reachable from other machines and no API key is set: give "
                          "--api-key KEY (or $GLIMAGE_API_KEYS, --api-key-file), or --allow-no-key to serve openly",
                          "host")
-    from ..cliargs import _model_spec
-    _model_spec(args.model)  # a missing or broken folder fails here, before the server starts
+    from ..cliargs import model_spec
+    model_spec(args.model)  # a missing or broken folder fails here, before the server starts
+    if args.ray is not None:
+        from ..cluster.serve import main as ray_main
+        return ray_main(args, keys)
+    if args.ray_config is not None:
+        raise InputError("--ray-config goes with --ray", "ray_config")
     settings = Settings(model=args.model, api_keys=keys, max_queue=args.max_queue, max_batch=args.max_batch,
                         batch_wait=args.batch_wait_ms / 1000, device=args.dit_device or args.device,
                         ar_device=args.ar_device, dtype=args.dtype, offload=args.offload, threads=args.threads,
@@ -109,7 +114,7 @@ def listen(host: str, port: int):
 
 
 def add_parser(sub, parents=()) -> None:
-    from ..cliargs import _device_args
+    from ..cliargs import device_args
 
     s = sub.add_parser("serve", help="an OpenAI-compatible image server with a web page", parents=list(parents),
                        description="Serve a model over the OpenAI Images API (POST /v1/images/generations, "
@@ -152,10 +157,17 @@ def add_parser(sub, parents=()) -> None:
                    "finish (default 60)")
     s.add_argument("--ar-device", default=None, help="device of the AR stage (default: --device)")
     s.add_argument("--dit-device", default=None, help="device of the DiT stage (default: --device)")
-    _device_args(s)
+    device_args(s)
     s.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each stage to the GPU")
     s.add_argument("--compile", action="store_true", help="torch.compile the AR decode step and the DiT blocks")
-    from ..cliargs import _fast_args
-    _fast_args(s)
+    from ..cliargs import fast_args
+    fast_args(s)
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help="serve as a Ray Serve "
+                   "application, the AR and the DiT as separately scaled deployments (pip install \"glimage[ray]\"); "
+                   "ADDRESS of a running cluster (e.g. auto), else a local one")
+    s.add_argument("--ray-config", default=None, metavar="FILE.yaml", help="with --ray: a Serve config file "
+                   "(examples/ray/serve.yaml): replicas, resources and autoscaling of each stage; the options given "
+                   "here override its args")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    s.set_defaults(fn=main)
+    # --ray-config's args hold unless an option is given: the Ray front end tells given from default by these
+    s.set_defaults(fn=main, option_defaults={a.dest: a.default for a in s._actions})

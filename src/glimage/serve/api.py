@@ -23,7 +23,7 @@ from ..image import image_size, load_image, smart_resize
 from ..outputs import encode_image
 from ..prompt import build_prompts
 from ..validate import (MAX_GUIDANCE, MAX_SOURCE_IMAGES, MAX_SOURCE_PIXELS, InputError, check_choice, check_float,
-                        check_int, check_prompt, check_seed, check_target_size, default_size)
+                        check_int, check_prompt, check_seed, check_target_size)
 
 FORMATS = ("PNG", "JPEG", "WEBP")  # what edits take: PIL's other decoders (EPS through Ghostscript...) are never tried
 
@@ -126,7 +126,7 @@ def precheck(body: dict, kind: str) -> None:
 
 def parse(body: dict, kind: str, model, limits: Limits, sources: list | None = None) -> Spec:
     """Check a request's fields (JSON or multipart) against the API and the model; `model` is the served
-    model (app.Served: id, pipeline); `sources` the (width, height) of an edit's uploads (from their headers).
+    model (app.Served: id, card); `sources` the (width, height) of an edit's uploads (from their headers).
     Raises ApiError(400/404/422) naming the field and what is allowed."""
     precheck(body, kind)
     try:
@@ -136,7 +136,7 @@ def parse(body: dict, kind: str, model, limits: Limits, sources: list | None = N
 
 
 def _parse(body: dict, kind: str, model, limits: Limits, sources: list) -> Spec:
-    pipe = model.pipe
+    card = model.card
     if "prompt" not in body:
         raise InputError("prompt is required", "prompt")
     prompt = check_prompt(body["prompt"], limits.max_prompt_chars)  # the CLI's and the Python API's rule
@@ -169,21 +169,21 @@ def _parse(body: dict, kind: str, model, limits: Limits, sources: list) -> Spec:
         if not sources:
             raise InputError("an edit needs at least one source image (field image or image[])", "image")
         check_sources(sources, limits)
-    defaults = pipe.defaults
+    defaults = card.defaults
     steps = body.get("num_inference_steps")
     steps = check_int("num_inference_steps", defaults.get("num_inference_steps", 50) if steps is None else steps, 1,
-                      pipe.scheduler.num_train_timesteps)
+                      card.num_train_timesteps)
     guidance = body.get("guidance_scale")
     guidance = check_float("guidance_scale", defaults.get("guidance_scale", 1.5) if guidance is None else guidance, 0,
                            MAX_GUIDANCE)
     seed = body.get("seed")
     seed = check_seed(seed, n) if seed is not None else secrets.randbelow(2**32)
-    height, width = _size(body.get("size"), pipe, sources)
-    cfg = pipe.ar.cfg
+    height, width = _size(body.get("size"), card, sources)
+    cfg = card.ar_cfg
     check_target_size(height, width, cfg, text_to_image=not sources)
-    cost = request_cost(n, steps, height, width, pipe)
+    cost = request_cost(n, steps, height, width, card)
     if cost > limits.cost:
-        dh, dw = pipe.default_size()
+        dh, dw = card.default_size()
         raise ApiError(400, f"this request costs {cost:.3g} images at the model's defaults (n={n} x "
                        f"{steps}/{defaults.get('num_inference_steps', 50)} steps x {width}x{height} / {dw}x{dh} px); "
                        f"the server takes at most {limits.cost:g} per request: lower n, num_inference_steps or size",
@@ -194,7 +194,7 @@ def _parse(body: dict, kind: str, model, limits: Limits, sources: list) -> Spec:
             grids.append(_source_grid(w, h, cfg))
         except InputError as e:  # a readable image this model cannot use (too small, too elongated)
             raise ApiError(422, f"image {i}: {e}", "image", "unusable_image") from None
-    batch = build_prompts([prompt], height, width, pipe.tokenizer, cfg, [grids] if grids else None)  # fits the context?
+    batch = build_prompts([prompt], height, width, card.tokenizer, cfg, [grids] if grids else None)  # fits the context?
     image_tokens = sum(h * w for h, w in grids)
     generated = sum(h * w for h, w in batch.grids)
     return Spec(kind, prompt, n, height, width, steps, guidance, seed, response_format, output_format, compression,
@@ -202,11 +202,11 @@ def _parse(body: dict, kind: str, model, limits: Limits, sources: list) -> Spec:
                 int(batch.attention_mask.sum()) - image_tokens, image_tokens, generated)
 
 
-def request_cost(n: int, steps: int, height: int, width: int, pipe) -> float:
+def request_cost(n: int, steps: int, height: int, width: int, card) -> float:
     """Work in images at the model's default size and steps (the AR's tokens and the DiT's work per step grow
     with the pixels, the DiT's with the steps)."""
-    dh, dw = pipe.default_size()
-    return n * steps / pipe.defaults.get("num_inference_steps", 50) * height * width / (dh * dw)
+    dh, dw = card.default_size()
+    return n * steps / card.defaults.get("num_inference_steps", 50) * height * width / (dh * dw)
 
 
 def check_sources(sources: list, limits: Limits) -> None:
@@ -229,13 +229,13 @@ def _bool(body: dict, key: str) -> bool:
     return value
 
 
-def _size(size, pipe, sources) -> tuple[int, int]:
+def _size(size, card, sources) -> tuple[int, int]:
     """(height, width) of "WIDTHxHEIGHT", or the model's default ("auto": an edit takes its first source's)."""
     if size in (None, "", "auto"):
-        return default_size(pipe.ar.cfg, pipe.defaults, sources[0] if sources else None)
+        return card.default_size(sources[0] if sources else None)
     m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size) if isinstance(size, str) else None
     if not m:
-        h, w = pipe.default_size()
+        h, w = card.default_size()
         raise InputError(f"size={size!r} must be 'WIDTHxHEIGHT' (e.g. '{w}x{h}') or 'auto'", "size")
     return int(m.group(2)), int(m.group(1))
 

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .. import __version__
+from ..card import ModelCard, model_name
 from ..validate import InputError
 from . import api
 from .api import ApiError, Limits, Spec
@@ -72,8 +73,13 @@ class Settings:
 @dataclass
 class Served:
     id: str
-    pipe: object  # GlmImagePipeline
+    pipe: object = None  # GlmImagePipeline; None where the stages run elsewhere (glimage.cluster)
     lanes: int = 1  # DiT shards run at once (CPU cores), see Engine
+    card: ModelCard | None = None  # what requests are checked against; default: the pipeline's
+
+    def __post_init__(self):
+        if self.card is None:
+            self.card = ModelCard.of(self.pipe)
 
 
 class UrlStore:
@@ -110,19 +116,16 @@ def load_model(settings: Settings) -> Served:
     import torch
 
     from ..device import resolve_device, set_threads
-    from ..pipeline import DEFAULT_MODEL, GlmImagePipeline
+    from ..pipeline import GlmImagePipeline
 
     threads = set_threads(settings.threads)
     m = settings.model
     if m and m.startswith("random:"):
         pipe = GlmImagePipeline.from_config(m[len("random:"):], seed=0, device=settings.device, dtype=settings.dtype)
-        name = m
     else:
         pipe = GlmImagePipeline.from_pretrained(m, device=settings.device, dtype=settings.dtype,
                                                 offload=settings.offload, ar_device=settings.ar_device)
-        name = "glimage-shapes" if m is None else Path(m).resolve().name or "glm-image"
-        if m is not None and Path(m).resolve() == DEFAULT_MODEL.resolve():
-            name = "glimage-shapes"
+    name = model_name(m)
     pipe.set_progress_bar_config(disable=True)
     if settings.compile:
         pipe.enable_compile()
@@ -142,22 +145,30 @@ def load_model(settings: Settings) -> Served:
     return Served(name, pipe, lanes)
 
 
-def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
-    """The app; `served` given = that model now (tests), else it loads in the background (503 meanwhile)."""
+def local_engine(settings: Settings, metrics, served: Served | None = None) -> tuple[Served, Engine]:
+    """The model loaded in this process (or `served`), and the engine that runs its stages in threads here."""
+    s = served or load_model(settings)
+    return s, Engine(s.pipe, settings.max_queue, settings.max_batch, settings.batch_wait, metrics, s.lanes)
+
+
+def create_app(settings: Settings, served: Served | None = None, start=None) -> FastAPI:
+    """The app. start(metrics) -> (Served, engine) runs in the background at startup (503 meanwhile): by
+    default it loads the model here; glimage.cluster's ingress passes one whose engine calls Ray deployments.
+    `served` given = that model, ready at once (tests)."""
     metrics = Metrics()
     urls = UrlStore(settings.url_ttl, settings.url_cache_bytes)
     status = {"state": "loading", "error": None}
     holder: dict = {}
+    start = start or (lambda m: local_engine(settings, m))
 
-    def ready(s: Served) -> None:
-        engine = Engine(s.pipe, settings.max_queue, settings.max_batch, settings.batch_wait, metrics, s.lanes)
+    def ready(s: Served, engine) -> None:
         engine.start()
         holder.update(served=s, engine=engine)
         status["state"] = "ready"
 
     def load() -> None:
         try:
-            ready(load_model(settings))
+            ready(*start(metrics))
         except Exception as e:  # noqa: BLE001 - reported by /health and every request
             log.exception("loading the model failed")
             status.update(state="failed", error=str(e))
@@ -165,7 +176,7 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if served is not None:
-            ready(served)
+            ready(*local_engine(settings, metrics, served))
         else:
             threading.Thread(target=load, name="glimage-load", daemon=True).start()
         yield
@@ -233,10 +244,12 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
     async def health():
         body = {"status": status["state"], "version": __version__}
         if status["state"] == "ready":
-            waiting, admitted = holder["engine"].queue_depth()
             engine = holder["engine"]
-            body.update(model=holder["served"].id, waiting_images=waiting, requests=admitted,
-                        device=str(engine.pipe.device), dit_lanes=engine.lanes)
+            waiting, admitted = engine.queue_depth()
+            body.update(model=holder["served"].id, waiting_images=waiting, requests=admitted)
+            body.update(await asyncio.to_thread(engine.health))
+            if body["status"] == "unavailable":  # a stage has no replica left: load balancers look elsewhere
+                return JSONResponse(body, 503, headers={"Retry-After": "5"})
             return body
         body["error"] = status["error"]
         return JSONResponse(body, 503, headers={"Retry-After": "5"})
@@ -345,7 +358,7 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
         def params(seed: int) -> dict:
             return {"prompt": spec.prompt, "seed": seed, "height": spec.height, "width": spec.width,
                     "num_inference_steps": spec.steps, "guidance_scale": spec.guidance, "model": s.id,
-                    "glimage": __version__, **s.pipe.fast}
+                    "glimage": __version__, **s.card.fast}
 
         async def encoded(ev: dict) -> bytes:
             return await asyncio.to_thread(api.encode, ev["image"], spec, params(spec.seed + ev["index"]))
@@ -372,8 +385,10 @@ def create_app(settings: Settings, served: Served | None = None) -> FastAPI:
                               f"{spec.output_format}"
                     results[ev["index"]] = api.image_object(data, spec, url)
                 elif ev["event"] == "error":
+                    retry = ev.get("retry_after")
                     raise ApiError(ev["status"], ev["message"], None, ev.get("code"),
-                                   "server_error" if ev["status"] >= 500 else "invalid_request_error")
+                                   "server_error" if ev["status"] >= 500 else "invalid_request_error",
+                                   {"Retry-After": str(retry)} if retry else None)
                 elif ev["event"] == "done":
                     return api.images_response([results[i] for i in sorted(results)], spec)
         except asyncio.CancelledError:  # the server stops waiting (shutdown): the engine stops too
@@ -411,13 +426,13 @@ async def stream(job: Job, events: asyncio.Queue, spec: Spec, encoded, engine: E
 
 
 def model_object(s: Served) -> dict:
-    pipe = s.pipe
-    h, w = pipe.default_size()
-    lo, hi = pipe.ar.cfg.size_range
-    d = pipe.defaults
+    card = s.card
+    h, w = card.default_size()
+    lo, hi = card.ar_cfg.size_range
+    d = card.defaults
     return {"id": s.id, "object": "model", "created": 0, "owned_by": "glimage",
             "glimage": {"default_size": f"{w}x{h}", "num_inference_steps": d.get("num_inference_steps", 50),
-                        "guidance_scale": d.get("guidance_scale", 1.5), "size_step": pipe.ar.cfg.grid_factor,
+                        "guidance_scale": d.get("guidance_scale", 1.5), "size_step": card.ar_cfg.grid_factor,
                         "min_side": lo, "max_side": hi}}
 
 

@@ -1,8 +1,8 @@
 """The serving engine: bounded admission, request batching, and the AR and DiT as two pipelined stages.
 
-A request asks for n images of one prompt; each image is an independent draw (AR included) with seed S + i,
-exactly as `glimage generate --seed S --num-images n` draws them. Its images travel as items through two
-worker threads, as vLLM-Omni and SGLang run GLM-Image (only prior-token ids cross between the stages):
+A request asks for n images of one prompt (stages.Request); its images travel as items through two worker
+threads, as vLLM-Omni and SGLang run GLM-Image (only prior-token ids cross between the stages; what each stage
+computes is in stages.py, and glimage.cluster.RayEngine runs the same stages in Ray deployments):
 
     admit -> [AR queue] -> AR worker: prompts -> prior ids, glyph embeddings       (batch k+1)
           -> [DiT queue] -> DiT worker: reference K/V, Euler loop with CFG, VAE   (batch k, at the same time)
@@ -29,16 +29,15 @@ import math
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from ..models.dit import RefKV
-from ..pipeline import GlmImagePipeline, to_pil
-from ..prior import Prior
+from ..pipeline import GlmImagePipeline
 from ..sampling import Interrupted
 from ..validate import InputError
+from . import stages
+from .stages import Item, Request  # noqa: F401 - the app's names for them
 
 log = logging.getLogger("glimage.serve")
 
@@ -55,70 +54,11 @@ class Unavailable(Exception):
     """Loading or draining: answer 503."""
 
 
-@dataclass(eq=False)
-class Request:
-    prompt: str
-    height: int
-    width: int
-    steps: int
-    guidance: float
-    seed: int
-    n: int = 1
-    images: list = field(default_factory=list)  # source images (PIL) for an edit
-    partial_images: int = 0
-    progress: bool = False
-    deadline: float = math.inf  # time.monotonic() by which it must finish
-    sink: object = None  # callable(event: dict), thread-safe
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    reason: str = ""  # why it was cancelled: "disconnected", "timeout", "shutdown", "failed"
-    admitted_at: float = 0.0
-    left: int = 0  # images not yet delivered
-    taken: dict = field(default_factory=dict)  # stage -> images of this request that stage has taken
-
-    def expired(self, now: float | None = None) -> bool:
-        return (time.monotonic() if now is None else now) > self.deadline
-
-    def cancel(self, reason: str) -> None:
-        if not self.cancelled.is_set():
-            self.reason = reason
-            self.cancelled.set()
-
-    def emit(self, event: dict) -> None:
-        if self.sink is not None:
-            self.sink(event)
-
-    def partial_steps(self) -> dict[int, int]:
-        """Step index -> partial image index: partial_images previews spread evenly over the steps."""
-        k = self.partial_images
-        steps = {max(0, (j + 1) * self.steps // (k + 1) - 1): j for j in range(k)}
-        return {s: i for i, s in enumerate(sorted(steps))}  # fewer when the steps are too few to spread them
-
-
-@dataclass(eq=False)
-class Item:
-    """One image of a request."""
-    req: Request
-    index: int
-    seed: int
-    prior: torch.Tensor | None = None  # (1, N) ids, one per DiT patch
-    source_ids: list | None = None
-    source_grids: list | None = None
-    glyph: torch.Tensor | None = None  # (1, T, D)
-    neg: torch.Tensor | None = None
-
-    def ar_key(self):
-        return self.req.height, self.req.width, tuple(im.size for im in self.req.images)
-
-    def dit_key(self):
-        r = self.req
-        refs = tuple(self.source_grids) if self.source_grids else ()
-        return r.height, r.width, r.steps, r.guidance > 1, self.glyph.shape[1], refs
-
-
 class NoMetrics:
     def observe(self, stage: str, seconds: float) -> None: ...
     def set_queue(self, waiting: int, in_flight: int) -> None: ...
     def image_done(self) -> None: ...
+    def replica_failed(self, stage: str) -> None: ...
 
 
 class Engine:
@@ -136,6 +76,9 @@ class Engine:
         self.dit_queue: list[Item] = []
         self.admitted: set[Request] = set()
         self.state = "ready"
+        self.ar_lanes = 1  # AR worker threads
+        self.dit_cap = math.ceil(max_batch / self.lanes)  # images per DiT batch
+        self.ar_key, self.dit_key = Item.ar_key, Item.dit_key  # what items must share to be batched
         self.image_interval = None  # running estimate of the seconds between delivered images, for Retry-After
         self.last_delivery = None
         self.threads: list[threading.Thread] = []
@@ -143,7 +86,8 @@ class Engine:
     # -- admission
 
     def start(self) -> None:
-        loops = [("glimage-ar", self._ar_loop)] + [(f"glimage-dit{i}", self._dit_loop) for i in range(self.lanes)]
+        loops = [(f"glimage-ar{i}", self._ar_loop) for i in range(self.ar_lanes)] + \
+            [(f"glimage-dit{i}", self._dit_loop) for i in range(self.lanes)]
         for name, loop in loops:
             t = threading.Thread(target=loop, name=name, daemon=True)
             t.start()
@@ -210,6 +154,10 @@ class Engine:
         with self.lock:
             return len(self.ar_queue), len(self.admitted)
 
+    def health(self) -> dict:
+        """What /health adds about the stages; "status": "degraded" when some stage runs below strength."""
+        return {"device": str(self.pipe.device), "dit_lanes": self.lanes}
+
     def _gauges(self) -> None:
         self.metrics.set_queue(len(self.ar_queue), len(self.admitted))
 
@@ -220,10 +168,12 @@ class Engine:
                 self._gauges()
                 self.lock.notify_all()
 
-    def _fail(self, req: Request, status: int, message: str, reason: str, code: str | None = None) -> None:
+    def _fail(self, req: Request, status: int, message: str, reason: str, code: str | None = None,
+              retry_after: int | None = None) -> None:
         """End a request with an error event (unless it was already cancelled: nobody listens then)."""
         if req in self.admitted and not req.cancelled.is_set():
-            req.emit({"event": "error", "status": status, "message": message, "code": code or reason})
+            req.emit({"event": "error", "status": status, "message": message, "code": code or reason,
+                      "retry_after": retry_after})
         req.cancel(reason)
         self._finish(req)
 
@@ -264,7 +214,7 @@ class Engine:
 
     def _ar_loop(self) -> None:
         torch.set_grad_enabled(False)  # per thread; and some kernels differ with grad on (SDPA on the CPU)
-        while (batch := self._take(self.ar_queue, Item.ar_key, self.max_batch, "ar")) is not None:
+        while (batch := self._take(self.ar_queue, self.ar_key, self.max_batch, "ar")) is not None:
             self._ar_batch(batch)
             batch = None  # nothing of a finished batch (its source images) stays alive while the loop waits
 
@@ -285,16 +235,8 @@ class Engine:
             self.lock.notify_all()
 
     def _run_ar(self, batch: list[Item]) -> None:
-        r0 = batch[0].req
-        images = [it.req.images for it in batch] if r0.images else None
-        prior = self.pipe.draw_priors([it.req.prompt for it in batch], r0.height, r0.width, images,
-                                      [it.seed for it in batch], lambda: self._stop_ar(batch))
-        for b, it in enumerate(batch):
-            it.prior = prior.ids[b:b + 1]
-            if images:
-                it.source_ids, it.source_grids = [prior.source_ids[b]], [prior.source_grids[b]]
-            # glyphs per prompt (T5 runs per prompt anyway): their length is part of the DiT's batch key
-            it.glyph, it.neg = self.pipe.encode_text([it.req.prompt], it.req.guidance > 1)
+        stages.draw_priors(self.pipe, batch, lambda: self._stop_ar(batch))
+        stages.encode_glyphs(self.pipe, batch)
 
     def _stop_ar(self, batch: list[Item]) -> bool:
         """Between AR tokens: fail the requests whose deadline passed; stop once no row has a listener."""
@@ -308,68 +250,15 @@ class Engine:
 
     def _dit_loop(self) -> None:
         torch.set_grad_enabled(False)
-        cap = math.ceil(self.max_batch / self.lanes)
-        while (batch := self._take(self.dit_queue, Item.dit_key, cap, "dit")) is not None:
+        while (batch := self._take(self.dit_queue, self.dit_key, self.dit_cap, "dit")) is not None:
             try:
                 self._run_dit(batch)
             except Exception as e:  # noqa: BLE001
                 self._batch_failed(batch, e)
             batch = None
 
-    @torch.no_grad()
     def _run_dit(self, batch: list[Item]) -> None:
-        pipe, r0 = self.pipe, batch[0].req
-        t0 = time.monotonic()
-        kv = None
-        if r0.images:
-            kv = RefKV.stack([pipe._reference_kv([it.req.images], Prior(it.prior, None, None, it.source_ids,
-                                                                        it.source_grids), 1) for it in batch])
-        # each image's noise from its own generator, seeded like the CLI's
-        latents = torch.cat([torch.randn((1, *pipe.latent_shape(r0.height, r0.width)), dtype=pipe.dtype,
-                                         generator=torch.Generator().manual_seed(it.seed)) for it in batch])
-        cfg = r0.guidance > 1
-        scales = [it.req.guidance for it in batch]
-        guidance = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=torch.float32)
-        live = list(batch)  # the items still in the batch, in row order
-        partials = {id(it): it.req.partial_steps() for it in batch}
-
-        def on_step(i, sigma, sigma_next, x, v):
-            nonlocal live
-            now = time.monotonic()
-            keep = []
-            for row, it in enumerate(live):
-                if it.req.expired(now) and not it.req.cancelled.is_set():
-                    self._fail(it.req, 504, f"the request's deadline passed at denoising step {i + 1}", "timeout")
-                if not it.req.cancelled.is_set():
-                    keep.append(row)
-            for row in keep:
-                it = live[row]
-                if it.req.progress:
-                    it.req.emit({"event": "progress", "index": it.index, "step": i + 1, "steps": it.req.steps})
-                if i in partials[id(it)] and i + 1 < it.req.steps:
-                    image = pipe.preview(x[row:row + 1], v[row:row + 1], sigma_next)[0]
-                    it.req.emit({"event": "partial", "index": it.index, "partial_index": partials[id(it)][i],
-                                 "image": image})
-            if len(keep) == len(live):
-                return None
-            live = [live[row] for row in keep]
-            return {"rows": keep}
-
-        glyph = torch.cat([it.glyph for it in batch])
-        neg = torch.cat([it.neg for it in batch]) if cfg else None
-        prior = torch.cat([it.prior for it in batch])
-        latents = pipe.denoise(latents, glyph, neg, prior, r0.height, r0.width, r0.steps, guidance, kv, on_step)
-        t1 = time.monotonic()
-        self.metrics.observe("dit", t1 - t0)
-        for row, it in enumerate(live):
-            if it.req.expired() and not it.req.cancelled.is_set():
-                self._fail(it.req, 504, "the request's deadline passed before its image was decoded", "timeout")
-            if it.req.cancelled.is_set():
-                continue
-            # one image at a time, as a batch of one decodes it: the same pixels, and far less memory
-            image = to_pil(pipe.decode_latents(latents[row:row + 1]))[0]
-            self._deliver(it, image)
-        self.metrics.observe("vae", time.monotonic() - t1)
+        stages.denoise(self.pipe, batch, self._fail, self._deliver, self.metrics.observe)
 
     def _deliver(self, it: Item, image: Image.Image) -> None:
         req = it.req

@@ -20,6 +20,8 @@ class Metrics:
         self.requests = Counter("glimage_requests", "requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.rejections = Counter("glimage_rejections", "requests refused, by reason", ["reason"], registry=r)
+        self.replica_failures = Counter("glimage_replica_failures", "calls to a stage's replica that died (Ray: the "
+                                        "image is drawn again on another)", ["stage"], registry=r)
 
     # the engine's hooks
     def observe(self, stage: str, seconds: float) -> None:
@@ -31,6 +33,9 @@ class Metrics:
 
     def image_done(self) -> None:
         self.images.inc()
+
+    def replica_failed(self, stage: str) -> None:
+        self.replica_failures.labels(stage).inc()
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(reason).inc()
