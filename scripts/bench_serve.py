@@ -53,7 +53,7 @@ def start(extra: list[str], model: str | None) -> tuple[subprocess.Popen, str]:
     for _ in range(600):
         try:
             health = httpx.get(f"{url}/health", timeout=1)
-            if health.status_code == 200:
+            if health.status_code == 200 and health.json()["status"] == "ready":  # Ray: every replica up
                 print(f"  server {' '.join(extra) or '(defaults)'}: {health.json()}", flush=True)
                 return proc, url
         except httpx.HTTPError:
@@ -156,7 +156,7 @@ def ray_args(dit_replicas: int) -> list[str]:
     import tempfile
     cfg = {"applications": [{"name": "glimage", "import_path": "glimage.cluster.serve:build", "route_prefix": "/",
                              "args": {"ar": {"ray_actor_options": {"num_cpus": 0.5}},
-                                      "dit": {"num_replicas": dit_replicas, "ray_actor_options": {"num_cpus": 1}}}}]}
+                                      "dit": {"num_replicas": dit_replicas, "ray_actor_options": {"num_cpus": 0.75}}}}]}
     f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
     json.dump(cfg, f)  # JSON is YAML
     f.close()
@@ -169,8 +169,10 @@ def report_ray(args, work, rows: dict, images: dict) -> None:
     print(f"{args.clients} clients, {len(work)} images of {args.model or 'the shipped model'}")
     for name, r in rows.items():
         same = sum(np.array_equal(images[name][j], images[base_name][j]) for j in work)
+        diff = max(int(np.abs(images[name][j].astype(int) - images[base_name][j].astype(int)).max()) for j in work)
         print(f"  {name:28s} {r['images_per_s']:.2f} images/s ({r['images_per_s'] / base:.2f}x glimage serve), "
-              f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s; {same}/{len(work)} images identical to glimage serve's")
+              f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s; {same}/{len(work)} images identical to glimage "
+              f"serve's (which batches the DiT), largest difference {diff}/255")
     two, one = rows["ray, 2 DiT replicas"]["images_per_s"], rows["ray, 1 DiT replica"]["images_per_s"]
     print(f"  2 DiT replicas / 1: {two / one:.2f}x; Ray overhead at 1 replica: {(1 - one / base) * 100:.1f}%")
     if args.json:

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,9 +46,9 @@ def pixels(data: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cluster():
     # 4 logical CPUs on a 2-core machine: ingress 0, AR 1, two DiT replicas 1 each; every worker one thread
+    from glimage.cluster import connect
     os.environ["OMP_NUM_THREADS"] = "1"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    connect("local", num_cpus=4)
     yield ray
     from ray import serve
     serve.shutdown()
@@ -111,6 +110,29 @@ def test_stream_partial_images(app):
     kinds = [e.type for e in events]
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
     assert pixels(base64.b64decode(events[-1].b64_json)).shape == (128, 128, 3)
+
+
+def test_client_gone_stops_the_denoising(app):
+    """Two long streams occupy both DiT replicas; their clients leave after the first partial image. If the
+    cancellation did not reach the replicas, a short request would wait ~5 s for one to finish its image."""
+    import httpx
+
+    def leave_early(seed):
+        body = {"prompt": "a red circle", "seed": seed, "stream": True, "partial_images": 3,
+                "num_inference_steps": 150}  # ~6 s of denoising; the first partial image after ~1.5 s
+        with httpx.stream("POST", f"{app}/v1/images/generations", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if "partial_image" in line:
+                    return True
+        return False
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(leave_early, (1, 2)))
+    t0 = time.monotonic()
+    client(app).images.generate(prompt="a blue circle", extra_body={"seed": 3, "num_inference_steps": STEPS})
+    assert time.monotonic() - t0 < 3
 
 
 def test_auth_and_bad_request(app):
@@ -238,3 +260,48 @@ def test_offline_batch_resumes_after_kill(one_process, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{64 - done} image(s) drawn, {done} already there" in r.stderr
     same_folders(want, out)
+
+
+def test_offline_batch_on_two_nodes(one_process, tmp_path):
+    """A two-node cluster (ray.cluster_utils.Cluster): 1 + 2 CPUs for an AR and two DiT actors, so the pools
+    span both nodes; the images come back to the driver and equal the one-process run's."""
+    from ray.cluster_utils import Cluster
+
+    _, want = one_process
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    lines = prompts.read_text().splitlines()[:16]
+    prompts.write_text("\n".join(lines) + "\n")
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # workers: one torch thread each
+    try:
+        nodes.add_node(num_cpus=2)
+        nodes.wait_for_nodes()
+        generate("--prompts", str(prompts), "--out", str(tmp_path / "out"), "--ray", nodes.address,
+                 "--dit-actors", "2")
+    finally:
+        nodes.shutdown()
+    rows = [json.loads(ln) for ln in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 16
+    for row in rows:
+        assert np.array_equal(pixels((tmp_path / "out" / row["file_name"]).read_bytes()),
+                              pixels((want / row["file_name"]).read_bytes())), row
+
+
+def test_config_files_build_and_bad_args_are_named():
+    """examples/ray/serve.yaml and the KubeRay example's serveConfigV2 build; a misspelt argument or stage
+    option is refused naming what is allowed (no cluster needed)."""
+    import yaml
+
+    from glimage.cluster.serve import build, config_args
+    from glimage.validate import InputError
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "ray"
+    assert build(config_args(str(root / "serve.yaml"))) is not None
+    service = yaml.safe_load((root / "rayservice.yaml").read_text())
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert build(args) is not None
+    with pytest.raises(InputError, match="did you mean 'max_queue'"):
+        build({"max_queu": 4})
+    with pytest.raises(InputError, match="num_replica.*allowed: num_replicas"):
+        build({"dit": {"num_replica": 2}})
+    with pytest.raises(InputError, match="max_n"):
+        build({"max_n": 0})

@@ -18,7 +18,6 @@ images.
 from __future__ import annotations
 
 import difflib
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -113,7 +112,7 @@ def _job(index: int, rec: dict, base: Path, card, seed0, steps, guidance, size, 
             data = f.read_bytes()
         except OSError as e:
             raise InputError(f"image {p!r}: {e.strerror or e}") from None
-        sources.append((Path(p).name, data, load_image(io.BytesIO(data), f"image {p!r}").size))
+        sources.append((Path(p).name, data, load_image(data, f"image {p!r}").size))
     if rec.get("size") is not None or size is not None:
         if rec.get("height") is not None or rec.get("width") is not None:
             raise InputError("give \"size\" or \"height\"/\"width\", not both")
@@ -161,23 +160,15 @@ def pending(jobs: list[Job], out: Path) -> list[Job]:
 
 def write_image(out: Path, job: Job, data: bytes) -> None:
     """An encoded image into `out`, atomically (a crash leaves it whole or absent)."""
-    path = out / job.file_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from .outputs import write_file
+    write_file(out / job.file_name, data, "out")
 
 
 def write_metadata(out: Path, jobs: list[Job]) -> Path:
     """metadata.jsonl for every job, in the prompts file's order, written atomically once all are done."""
-    path = out / "metadata.jsonl"
-    tmp = out / ".metadata.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(job.metadata(), ensure_ascii=False) + "\n" for job in jobs), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from .outputs import write_file
+    rows = "".join(json.dumps(job.metadata(), ensure_ascii=False) + "\n" for job in jobs)
+    return write_file(out / "metadata.jsonl", rows.encode(), "out")
 
 
 def render(pipe, job: Job, model: str, prior=None) -> bytes:
@@ -199,7 +190,7 @@ def job_item(job: Job):
     from .image import load_image
     from .serve import stages
 
-    images = [load_image(io.BytesIO(data), name) for name, data in job.sources]
+    images = [load_image(data, name) for name, data in job.sources]
     req = stages.Request(job.prompt, job.height, job.width, job.steps, job.guidance, job.seed, 1, images)
     return stages.Item(req, 0, job.seed)
 

@@ -65,7 +65,13 @@ def save_image(image: Image.Image, path: str | os.PathLike, params: dict | None 
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise InputError(f"output {str(path)!r} must end in {', '.join(FORMATS)}", "output")
-    data = encode_image(image, fmt, params)
+    return write_file(path, encode_image(image, fmt, params))
+
+
+def write_file(path: str | os.PathLike, data: bytes, param: str = "output") -> Path:
+    """Write `data` to `path` atomically (a crash leaves the old file or the new one, never a part), with the
+    umask's permissions; errors name `path`, not a temp file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +82,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, params: dict | None 
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}", "output") from None
+        raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}", param) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -24,6 +24,7 @@ from ..serve.stages import Item
 
 log = logging.getLogger("glimage.serve")
 DEGRADED_S = 30.0  # a replica failure seen this recently makes /health say "degraded"
+SERVING = ("HEALTHY", "UPSCALING", "DOWNSCALING")  # Serve's deployment states at full strength
 
 
 def _unavailable_errors() -> tuple:
@@ -174,8 +175,8 @@ class RayEngine(Engine):
     # -- health
 
     def health(self) -> dict:
-        """The deployments' replicas as Serve's controller sees them; "degraded" while a stage runs below its
-        target or a replica failed in the last 30 s, "unavailable" (503) when a stage has no replica."""
+        """The deployments' replicas as Serve's controller sees them; "degraded" while a stage is unhealthy or
+        being replaced, or a replica failed in the last 30 s; "unavailable" (503) when a stage has no replica."""
         t, cached = self.status_cache
         if cached is not None and time.monotonic() - t < 1.0:
             return cached
@@ -190,7 +191,7 @@ class RayEngine(Engine):
                                 "replicas": dict(d.replica_states)}
                 if running == 0:
                     status = "unavailable"
-                elif stages[name]["status"] != "HEALTHY" and status == "ready":
+                elif stages[name]["status"] not in SERVING and status == "ready":
                     status = "degraded"
         except Exception as e:  # noqa: BLE001 - the controller itself is unreachable
             stages, status = {"error": f"{type(e).__name__}: {e}"}, "degraded"

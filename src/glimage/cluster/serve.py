@@ -78,13 +78,21 @@ class ARStage:
         return out
 
 
-@serve.deployment(name="dit", max_ongoing_requests=1, ray_actor_options={"num_cpus": 1})
+# max_ongoing_requests 2: one image denoising and the next one waiting here, ready the moment it ends. With 1,
+# the next waits in the router, which polls full replicas with a backoff of up to 0.5 s: measured 33% slower.
+@serve.deployment(name="dit", max_ongoing_requests=2, ray_actor_options={"num_cpus": 1})
 class DiTStage:
     def __init__(self, spec: ModelSpec):
         self.pipe = spec.load("dit")
+        self.busy = asyncio.Lock()  # one image at a time: its threads are the replica's cores
 
     async def __call__(self, job: dict):
         """Stream one image's events: progress, partial images, then the image (or an error)."""
+        async with self.busy:
+            async for ev in self._denoise(job):
+                yield ev
+
+    async def _denoise(self, job: dict):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         it = _item(job, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         req = it.req

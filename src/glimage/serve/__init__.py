@@ -3,7 +3,8 @@
     pip install "glimage[serve]" && glimage serve          # the shipped model on http://127.0.0.1:8000
 
 engine.py schedules (admission, batching, the AR and DiT stages), api.py speaks the OpenAI Images API,
-app.py is the HTTP app, metrics.py its Prometheus metrics, static/ the page.
+app.py is the HTTP app, metrics.py its Prometheus metrics, static/ the page; stages.py what the AR and DiT
+stages compute (also in glimage.cluster's Ray deployments: `glimage serve --ray`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main(args) -> int:
     from ..cliargs import model_spec
     model_spec(args.model)  # a missing or broken folder fails here, before the server starts
     if args.ray is not None:
+        from ..cluster import require_ray
+        require_ray()  # a clear "pip install" line, not an ImportError
         from ..cluster.serve import main as ray_main
         return ray_main(args, keys)
     if args.ray_config is not None:
