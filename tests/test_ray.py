@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -160,6 +161,63 @@ def replicas(stage: str) -> list:
     from ray.util import list_named_actors
     names = [a["name"] for a in list_named_actors(all_namespaces=True) if f"#{stage}#" in a["name"]]
     return [ray.get_actor(n, namespace="serve") for n in names]
+
+
+class Fake:
+    """A deployment handle whose calls fail with a dead replica `fails` times, then answer `result`."""
+
+    def __init__(self, result, fails: int):
+        self.result_, self.fails, self.calls = result, fails, 0
+        self.draw = self
+
+    def options(self, **kw):
+        return self
+
+    def remote(self, job):
+        self.calls += 1
+        dead = self.calls <= self.fails
+        fake = self
+
+        class Response:
+            def result(self):
+                if dead:
+                    raise ray.exceptions.RayActorError()
+                return fake.result_
+
+            def __iter__(self):
+                if dead:
+                    yield {"event": "partial", "index": 0, "partial_index": 0, "image": "early"}
+                    raise ray.exceptions.RayActorError()
+                yield from fake.result_
+
+            def cancel(self):
+                pass
+        return Response()
+
+
+@pytest.mark.parametrize("dit_fails, want", [(1, "image"), (2, "error")])
+def test_engine_retries_a_dead_replica_then_answers_503(dit_fails, want):
+    """RayEngine alone, with fake handles: a DiT call whose replica dies is drawn again (its partial image
+    not sent twice); when every try fails (retries=1: two), the request ends with 503 + Retry-After."""
+    from glimage.cluster.engine import RayEngine
+    from glimage.serve.engine import Request
+
+    prior = {"prior": torch.zeros(1, 4, dtype=torch.long), "source_ids": None, "source_grids": None}
+    dit = Fake([{"event": "partial", "index": 0, "partial_index": 0, "image": "again"},
+                {"event": "image", "index": 0, "image": "img"}], dit_fails)
+    engine = RayEngine(Fake(prior, 1), dit, max_queue=2, retries=1)
+    engine.start()
+    events, done = [], threading.Event()
+    req = Request("a red circle", 128, 128, 4, 3.0, 0, partial_images=1,
+                  sink=lambda ev: (events.append(ev), ev["event"] in ("done", "error") and done.set()))
+    engine.submit(req)
+    assert done.wait(30)
+    engine.stop()
+    kinds = [ev["event"] for ev in events]
+    assert kinds == (["partial", "image", "done"] if want == "image" else ["partial", "error"]), events
+    if want == "error":
+        assert events[-1]["status"] == 503 and events[-1]["retry_after"] == 5 and "replicas lost" in events[-1]["message"]
+    assert dit.calls == 2 and not engine.admitted
 
 
 def failures(url: str, stage: str) -> float:

@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 
-from ..sampling import Interrupted
 from ..serve.engine import Engine
 from ..serve.stages import Item
 
@@ -34,6 +33,9 @@ def _unavailable_errors() -> tuple:
 
     return (rex.RayActorError, rex.ActorUnavailableError, rex.NodeDiedError, rex.WorkerCrashedError,
             sex.DeploymentUnavailableError, sex.ReplicaUnavailableError, sex.BackPressureError)
+
+
+DOWN = {"down": True}  # _call's result for an item no live replica answered
 
 
 class StageDown(Exception):
@@ -62,24 +64,25 @@ class RayEngine(Engine):
     # -- the stages, remote
 
     def _run_ar(self, batch: list[Item]) -> None:
-        try:
-            results = self._call(batch, lambda it: self.ar.draw.remote(_ar_job(it)), "AR")
-        except StageDown as e:
-            self._down(batch, e)
-            raise Interrupted from None  # the engine's AR loop moves on
+        results = self._call(batch, lambda it: self.ar.draw.remote(_ar_job(it)), "AR")
         for it, res in zip(batch, results):
             if res is None:
                 continue
-            if "error" in res:
+            if res is DOWN:  # only the requests whose images found no live AR replica
+                self._down([it], StageDown(f"the AR stage failed {self.retries + 1} times (replicas lost); "
+                                           "retry shortly"))
+            elif "error" in res:
                 status, message = res["error"]
                 self._fail(it.req, status, message, "failed", "invalid_request" if status == 400 else "internal")
-                continue
-            it.prior, it.source_ids, it.source_grids = res["prior"], res["source_ids"], res["source_grids"]
+            else:
+                it.prior, it.source_ids, it.source_grids = res["prior"], res["source_ids"], res["source_grids"]
         # the DiT stage takes only the items the AR answered
-        batch[:] = [it for it, res in zip(batch, results) if res is not None and "error" not in res]
+        batch[:] = [it for it, res in zip(batch, results)
+                    if res is not None and res is not DOWN and "error" not in res]
 
     def _call(self, batch: list[Item], send, stage: str) -> list:
-        """send(item) for every item, retried where a replica died; a result per item (None: cancelled)."""
+        """send(item) for every item, retried where a replica died; a result per item (None: cancelled; DOWN:
+        no live replica after every try)."""
         results = [None] * len(batch)
         todo = [i for i, it in enumerate(batch) if not it.req.cancelled.is_set()]
         for attempt in range(self.retries + 1):
@@ -103,8 +106,8 @@ class RayEngine(Engine):
                 return results
             todo = [i for i in failed if not batch[i].req.cancelled.is_set()]
             time.sleep(0.5 * (attempt + 1))  # the controller notices the dead replica meanwhile
-        if todo:
-            raise StageDown(f"the {stage} stage failed {self.retries + 1} times (replicas lost); retry shortly")
+        for i in todo:
+            results[i] = DOWN
         return results
 
     def _run_dit(self, batch: list[Item]) -> None:
