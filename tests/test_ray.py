@@ -363,3 +363,26 @@ def test_config_files_build_and_bad_args_are_named():
         build({"dit": {"num_replica": 2}})
     with pytest.raises(InputError, match="max_n"):
         build({"max_n": 0})
+
+
+def test_engine_lost_ar_replica_fails_only_its_requests():
+    """Two requests in one AR batch; the AR calls die three times (retries=1: two tries each): the first
+    request's image finds no live replica (503 + Retry-After), the second's answer on the retry is used."""
+    from glimage.cluster.engine import RayEngine
+    from glimage.serve.engine import Request
+
+    prior = {"prior": torch.zeros(1, 4, dtype=torch.long), "source_ids": None, "source_grids": None}
+    engine = RayEngine(Fake(prior, 3), Fake([{"event": "image", "index": 0, "image": "img"}], 0), max_queue=4,
+                       retries=1)
+    ends = {}
+    done = {0: threading.Event(), 1: threading.Event()}
+
+    def sink(seed):
+        return lambda ev: ev["event"] in ("done", "error") and (ends.__setitem__(seed, ev), done[seed].set())
+    for seed in (0, 1):
+        engine.submit(Request("a red circle", 128, 128, 4, 3.0, seed, sink=sink(seed)))  # before the AR worker
+    engine.start()  # starts: both in one batch
+    assert done[0].wait(30) and done[1].wait(30)
+    engine.stop()
+    assert ends[0]["event"] == "error" and ends[0]["status"] == 503 and ends[0]["retry_after"] == 5
+    assert ends[1]["event"] == "done"
