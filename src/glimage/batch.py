@@ -61,8 +61,6 @@ def read_jobs(path: str | os.PathLike, card, seed: int = 0, steps: int | None = 
               guidance: float | None = None, size: str | None = None) -> list[Job]:
     """Every line of a prompts file, checked against the model (card: glimage.card.ModelCard) before anything
     loads; an error names the line and the value. steps/guidance/size: defaults for lines that set none."""
-    from .image import load_image
-
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -84,7 +82,7 @@ def read_jobs(path: str | os.PathLike, card, seed: int = 0, steps: int | None = 
             if key not in KEYS and near:
                 raise InputError(f"{where}: unknown key {key!r}; did you mean {near[0]!r}?", "prompts")
         try:
-            jobs.append(_job(len(jobs), rec, path.parent, card, seed, steps, guidance, size, load_image))
+            jobs.append(_job(len(jobs), rec, path.parent, card, seed, steps, guidance, size))
         except InputError as e:
             raise InputError(f"{where}: {e}", "prompts") from None
         name = jobs[-1].file_name
@@ -96,7 +94,9 @@ def read_jobs(path: str | os.PathLike, card, seed: int = 0, steps: int | None = 
     return jobs
 
 
-def _job(index: int, rec: dict, base: Path, card, seed0, steps, guidance, size, load_image) -> Job:
+def _job(index: int, rec: dict, base: Path, card, seed0, steps, guidance, size) -> Job:
+    from .image import image_size
+
     if "prompt" not in rec:
         raise InputError("\"prompt\" is required")
     prompt = check_prompt(rec["prompt"])
@@ -112,7 +112,7 @@ def _job(index: int, rec: dict, base: Path, card, seed0, steps, guidance, size, 
             data = f.read_bytes()
         except OSError as e:
             raise InputError(f"image {p!r}: {e.strerror or e}") from None
-        sources.append((Path(p).name, data, load_image(data, f"image {p!r}").size))
+        sources.append((Path(p).name, data, image_size(data, f"image {p!r}")))  # the header: nothing decoded yet
     if rec.get("size") is not None or size is not None:
         if rec.get("height") is not None or rec.get("width") is not None:
             raise InputError("give \"size\" or \"height\"/\"width\", not both")
@@ -220,46 +220,3 @@ def run(pipe, jobs: list[Job], out: Path, model: str, progress: bool = True) -> 
             bar.update()
     write_metadata(out, jobs)
     return len(todo)
-
-
-def main(args) -> int:
-    """`glimage generate --prompts FILE.jsonl --out DIR [--ray [ADDRESS]]`."""
-    import sys
-    import time
-
-    from .card import ModelCard
-    from .cliargs import model_spec
-
-    if args.prompts is None:
-        raise InputError("give a PROMPT, or --prompts FILE.jsonl with --out DIR", "prompt")
-    if args.prompt is not None:
-        raise InputError("give a PROMPT or --prompts FILE.jsonl, not both", "prompts")
-    if args.out is None:
-        raise InputError("--prompts needs --out DIR (the images and metadata.jsonl go there)", "out")
-    single = [f for f, on in (("--image", args.image), ("--num-images", args.num_images != 1),
-                              ("-o", args.output != "out.png"), ("--height/--width", args.height or args.width),
-                              ("--backend", args.backend != "torch")) if on]
-    if single:
-        raise InputError(f"{', '.join(single)}: not with --prompts (put size and images on each line)", "prompts")
-    if args.ray is None and (args.ar_actors != 1 or args.dit_actors is not None or args.gpus_per_actor):
-        raise InputError("--ar-actors, --dit-actors and --gpus-per-actor go with --ray", "ray")
-    preset, folder = model_spec(args.model)
-    seed = check_seed(args.seed if args.seed is not None else 0)
-    jobs = read_jobs(args.prompts, ModelCard.read(preset, folder), seed, args.steps, args.guidance, args.size)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is a file, not a folder", "out")
-    model = args.model or "shipped"
-    t0 = time.perf_counter()
-    if args.ray is not None:
-        from .cluster.data import run_on_ray
-        drawn = run_on_ray(jobs, out, args, progress=not args.quiet)
-    else:
-        from .cliargs import load_pipeline
-        pipe, _ = load_pipeline(args, preset, folder)
-        pipe.set_progress_bar_config(disable=True)  # one bar for the batch, not one per image
-        drawn = run(pipe, jobs, out, model, progress=not args.quiet)
-    if not args.quiet:
-        print(f"{drawn} image(s) drawn, {len(jobs) - drawn} already there, in {time.perf_counter() - t0:.1f}s: "
-              f"{out / 'metadata.jsonl'}", file=sys.stderr)
-    return 0

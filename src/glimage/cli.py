@@ -27,8 +27,7 @@ def _generate(args) -> int:
     from .validate import MAX_GUIDANCE, check_float, check_int, check_output_paths, check_prompt, check_seed, parse_size
 
     if args.prompts is not None or args.prompt is None:
-        from .batch import main as batch_main
-        return batch_main(args)
+        return _generate_batch(args)
     for flag, value in (("--out", args.out), ("--ray", args.ray)):
         if value is not None:
             raise InputError(f"{flag} goes with --prompts FILE.jsonl (for one prompt use -o FILE)", flag[2:])
@@ -83,6 +82,59 @@ def _generate(args) -> int:
         print(f"load {load_s:.2f}s on {where} ({str(pipe.dtype).removeprefix('torch.')}, "
               f"{threads} CPU thread{'s' if threads > 1 else ''})", file=sys.stderr)
     return 0
+
+
+def _generate_batch(args) -> int:
+    """`glimage generate --prompts FILE.jsonl --out DIR [--ray [ADDRESS]]` (glimage.batch)."""
+    from .batch import read_jobs, run
+    from .card import ModelCard
+    from .validate import check_seed
+
+    if args.prompts is None:
+        raise InputError("give a PROMPT, or --prompts FILE.jsonl with --out DIR", "prompt")
+    if args.prompt is not None:
+        raise InputError("give a PROMPT or --prompts FILE.jsonl, not both", "prompts")
+    if args.out is None:
+        raise InputError("--prompts needs --out DIR (the images and metadata.jsonl go there)", "out")
+    single = [f for f, on in (("--image", args.image), ("--num-images", args.num_images != 1),
+                              ("-o", args.output != "out.png"), ("--height/--width", args.height or args.width),
+                              ("--backend", args.backend != "torch")) if on]
+    if single:
+        raise InputError(f"{', '.join(single)}: not with --prompts (put size and images on each line)", "prompts")
+    if args.ray is None and (args.ar_actors != 1 or args.dit_actors is not None or args.gpus_per_actor):
+        raise InputError("--ar-actors, --dit-actors and --gpus-per-actor go with --ray", "ray")
+    preset, folder = model_spec(args.model)
+    seed = check_seed(args.seed if args.seed is not None else 0)
+    jobs = read_jobs(args.prompts, ModelCard.read(preset, folder), seed, args.steps, args.guidance, args.size)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file, not a folder", "out")
+    model = args.model or "shipped"
+    t0 = time.perf_counter()
+    if args.ray is not None:
+        from .cluster.data import run_on_ray
+        drawn = run_on_ray(jobs, out, args, progress=not args.quiet)
+    else:
+        pipe, _ = load_pipeline(args, preset, folder)
+        pipe.set_progress_bar_config(disable=True)  # one bar for the batch, not one per image
+        drawn = run(pipe, jobs, out, model, progress=not args.quiet)
+    if not args.quiet:
+        print(f"{drawn} image(s) drawn, {len(jobs) - drawn} already there, in {time.perf_counter() - t0:.1f}s: "
+              f"{out / 'metadata.jsonl'}", file=sys.stderr)
+    return 0
+
+
+def _serve(args) -> int:
+    """`glimage serve`: in this process, or with --ray as a Ray Serve application (glimage.cluster)."""
+    from .serve import check_args, main as serve_here
+
+    if args.ray is None:
+        return serve_here(args)
+    keys = check_args(args)
+    from .cluster import require_ray
+    require_ray()  # a clear "pip install" line, not an ImportError
+    from .cluster.serve import main as serve_on_ray
+    return serve_on_ray(args, keys)
 
 
 def _check_size_early(preset: str, folder: Path | None, height, width, sources: list) -> None:
@@ -284,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser as add_bench_parser
     from .check import add_parser as add_check_parser
     from .serve import add_parser as add_serve_parser
-    add_serve_parser(sub, [debug])
+    add_serve_parser(sub, [debug]).set_defaults(fn=_serve)
     add_bench_parser(sub, [debug])
     add_check_parser(sub, [debug])
     d = sub.add_parser("data", help="datasets")

@@ -70,6 +70,14 @@ def model_folder(path: str | os.PathLike | None) -> Path:
     return path
 
 
+def open_model(model: str | None = None, device=None, dtype=None, **kw) -> "GlmImagePipeline":
+    """A model by the name the front ends take: "random:PRESET" (random weights, small presets whole), a
+    folder, or None (the shipped model); kw go to from_pretrained (offload, ar_device, parts)."""
+    if model and model.startswith("random:"):
+        return GlmImagePipeline.from_config(model[len("random:"):], seed=0, device=device, dtype=dtype)
+    return GlmImagePipeline.from_pretrained(model, device=device, dtype=dtype, **kw)
+
+
 def seed_generator(generator, seed, device: torch.device) -> torch.Generator:
     """The AR sampler's generator. Like the reference, a given torch.Generator contributes its *initial*
     seed (the reference re-seeds the global RNG with it); we seed a private generator instead of the

@@ -9,7 +9,6 @@ Every job runs as `glimage generate` runs it (glimage.batch.render): the same se
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 from ..batch import Job, pending, render, write_image, write_metadata
@@ -27,11 +26,8 @@ class ARActor:
     def __call__(self, rows: dict) -> dict:
         from ..batch import draw
 
-        states = []
-        for blob in rows["job"]:
-            item = draw(self.pipe, pickle.loads(blob))
-            states.append(pickle.dumps({"prior": item.prior, "source_ids": item.source_ids,
-                                        "source_grids": item.source_grids}))
+        items = [draw(self.pipe, job) for job in rows["job"]]
+        states = [{"prior": it.prior, "source_ids": it.source_ids, "source_grids": it.source_grids} for it in items]
         return {"job": rows["job"], "state": _objects(states)}
 
 
@@ -42,21 +38,18 @@ class DiTActor:
         self.pipe, self.model = spec.load("dit"), model
 
     def __call__(self, rows: dict) -> dict:
-        from .. import batch
+        from ..batch import job_item
 
-        out, names = [], []
-        for blob, state in zip(rows["job"], rows["state"]):
-            job: Job = pickle.loads(blob)
-            item = batch.job_item(job)  # the job as the stages' Item; the AR's results go into it
-            for key, value in pickle.loads(state).items():
-                setattr(item, key, value)
+        out = []
+        for job, state in zip(rows["job"], rows["state"]):
+            item = job_item(job)  # the job as the stages' Item; the AR's results go into it
+            item.prior, item.source_ids, item.source_grids = state["prior"], state["source_ids"], state["source_grids"]
             out.append(render(self.pipe, job, self.model, prior=item))
-            names.append(job.index)
-        return {"index": names, "data": _objects(out)}
+        return {"index": [job.index for job in rows["job"]], "data": _objects(out)}
 
 
 def _objects(values: list):
-    """A column of Python bytes that numpy keeps whole (its 'S' dtype strips trailing zero bytes)."""
+    """A column of Python objects (Ray stores them as such; numpy's 'S' dtype would strip bytes' trailing zeros)."""
     import numpy as np
 
     col = np.empty(len(values), dtype=object)
@@ -91,7 +84,7 @@ def run_on_ray(jobs: list[Job], out: Path, args, progress: bool = True) -> int:
         threads = 1 if args.threads == "auto" else args.threads
         spec = ModelSpec(args.model, args.device, args.dtype, threads,
                          {"step_cache": args.step_cache, "ar_int8": args.ar_int8})
-        ds = ray.data.from_items([{"job": pickle.dumps(job)} for job in todo], override_num_blocks=len(todo))
+        ds = ray.data.from_items([{"job": job} for job in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(ARActor, fn_constructor_kwargs={"spec": spec}, batch_size=1, concurrency=ar_actors,
                             num_cpus=cpus, num_gpus=gpus)
         ds = ds.map_batches(DiTActor, fn_constructor_kwargs={"spec": spec, "model": args.model or "shipped"},

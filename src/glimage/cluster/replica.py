@@ -18,15 +18,11 @@ class ModelSpec:
         """The pipeline with only `part` ("ar" or "dit") loaded (a random preset: whole, it is small)."""
         import torch
 
-        from ..pipeline import GlmImagePipeline
+        from ..pipeline import open_model
 
         torch.set_num_threads(max(1, int(self.threads)))
         torch.set_grad_enabled(False)
-        m = self.model
-        if m and m.startswith("random:"):
-            pipe = GlmImagePipeline.from_config(m[len("random:"):], seed=0, device=self.device, dtype=self.dtype)
-        else:
-            pipe = GlmImagePipeline.from_pretrained(m, device=self.device, dtype=self.dtype, parts=(part,))
+        pipe = open_model(self.model, self.device, self.dtype, parts=(part,))
         pipe.set_progress_bar_config(disable=True)
         pipe.enable_fast(**self.fast)
         return pipe

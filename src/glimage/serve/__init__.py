@@ -32,14 +32,10 @@ def api_keys(keys: list[str] | None, key_file: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def main(args) -> int:
-    import logging
-
-    import uvicorn
-
-    from .api import Limits
-    from .app import Settings, create_app, is_loopback
-    from .connections import AcceptErrors, connection_limit, guarded_protocol, raise_fd_limit
+def check_args(args) -> tuple[str, ...]:
+    """Every `glimage serve` option that needs no model, checked before anything starts; returns the API keys.
+    Shared by the local server (main) and the Ray application (glimage.cluster.serve.main)."""
+    from .app import is_loopback
 
     check_int("--port", args.port, 0, 65535)
     check_int("--max-queue", args.max_queue, 1, 100000)
@@ -62,11 +58,20 @@ def main(args) -> int:
                          "host")
     from ..cliargs import model_spec
     model_spec(args.model)  # a missing or broken folder fails here, before the server starts
-    if args.ray is not None:
-        from ..cluster import require_ray
-        require_ray()  # a clear "pip install" line, not an ImportError
-        from ..cluster.serve import main as ray_main
-        return ray_main(args, keys)
+    return keys
+
+
+def main(args) -> int:
+    """The server in this process (`glimage serve` without --ray)."""
+    import logging
+
+    import uvicorn
+
+    from .api import Limits
+    from .app import Settings, create_app
+    from .connections import AcceptErrors, connection_limit, guarded_protocol, raise_fd_limit
+
+    keys = check_args(args)
     if args.ray_config is not None:
         raise InputError("--ray-config goes with --ray", "ray_config")
     settings = Settings(model=args.model, api_keys=keys, max_queue=args.max_queue, max_batch=args.max_batch,
@@ -174,3 +179,4 @@ def add_parser(sub, parents=()) -> None:
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     # --ray-config's args hold unless an option is given: the Ray front end tells given from default by these
     s.set_defaults(fn=main, option_defaults={a.dest: a.default for a in s._actions})
+    return s

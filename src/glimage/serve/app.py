@@ -116,15 +116,11 @@ def load_model(settings: Settings) -> Served:
     import torch
 
     from ..device import resolve_device, set_threads
-    from ..pipeline import GlmImagePipeline
+    from ..pipeline import open_model
 
     threads = set_threads(settings.threads)
     m = settings.model
-    if m and m.startswith("random:"):
-        pipe = GlmImagePipeline.from_config(m[len("random:"):], seed=0, device=settings.device, dtype=settings.dtype)
-    else:
-        pipe = GlmImagePipeline.from_pretrained(m, device=settings.device, dtype=settings.dtype,
-                                                offload=settings.offload, ar_device=settings.ar_device)
+    pipe = open_model(m, settings.device, settings.dtype, offload=settings.offload, ar_device=settings.ar_device)
     name = model_name(m)
     pipe.set_progress_bar_config(disable=True)
     if settings.compile:
