@@ -43,18 +43,17 @@ class Job:
     sources: tuple = ()  # (name, bytes) of an edit's source images: read once, sent to wherever the AR runs
     extra: dict = field(default_factory=dict)  # the line's other keys, for metadata.jsonl
 
+    def settings(self) -> dict:
+        return {"prompt": self.prompt, "seed": self.seed, "height": self.height, "width": self.width,
+                "num_inference_steps": self.steps, "guidance_scale": self.guidance}
+
     def params(self, model: str) -> dict:
         """The parameters embedded in the image, as `glimage generate` writes them."""
-        p = {"prompt": self.prompt, "seed": self.seed, "height": self.height, "width": self.width,
-             "num_inference_steps": self.steps, "guidance_scale": self.guidance, "model": model}
-        if self.sources:
-            p["images"] = [name for name, _ in self.sources]
-        return p
+        images = {"images": [name for name, _ in self.sources]} if self.sources else {}
+        return {**self.settings(), "model": model, **images}
 
     def metadata(self) -> dict:
-        p = self.params("")
-        p.pop("model"), p.pop("images", None)
-        return {"file_name": self.file_name, **p, **self.extra}
+        return {"file_name": self.file_name, **self.settings(), **self.extra}
 
 
 def read_jobs(path: str | os.PathLike, card, seed: int = 0, steps: int | None = None,

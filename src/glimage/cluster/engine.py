@@ -38,16 +38,12 @@ def _unavailable_errors() -> tuple:
 DOWN = {"down": True}  # _call's result for an item no live replica answered
 
 
-class StageDown(Exception):
-    """A stage's calls failed on every try: answer 503 with Retry-After."""
-
-
 class RayEngine(Engine):
     def __init__(self, ar, dit, max_queue: int = 16, max_batch: int = 8, batch_wait: float = 0.01, metrics=None,
-                 ar_lanes: int = 2, dit_lanes: int | None = None, retries: int = 2, app_name: str | None = None):
+                 ar_lanes: int = 2, dit_lanes: int | None = None, retries: int = 2):
         dit_lanes = dit_lanes or max_queue
         super().__init__(None, max_queue, max_batch, batch_wait, metrics, dit_lanes)
-        self.ar, self.dit, self.retries, self.app_name = ar, dit, retries, app_name
+        self.ar, self.dit, self.retries = ar, dit, retries
         self.ar_lanes, self.dit_cap = ar_lanes, 1
         self.dit_key = lambda it: 0  # one image per call: any two items may follow each other
         self.calls: dict[int, tuple] = {}  # id -> (response, items) in flight, for the watcher
@@ -69,8 +65,7 @@ class RayEngine(Engine):
             if res is None:
                 continue
             if res is DOWN:  # only the requests whose images found no live AR replica
-                self._down([it], StageDown(f"the AR stage failed {self.retries + 1} times (replicas lost); "
-                                           "retry shortly"))
+                self._down([it], "AR")
             elif "error" in res:
                 status, message = res["error"]
                 self._fail(it.req, status, message, "failed", "invalid_request" if status == 400 else "internal")
@@ -145,11 +140,13 @@ class RayEngine(Engine):
             if it.req.cancelled.is_set():
                 return
             time.sleep(0.5 * (attempt + 1))
-        self._down([it], StageDown(f"the DiT stage failed {self.retries + 1} times (replicas lost); retry shortly"))
+        self._down([it], "DiT")
 
-    def _down(self, batch: list[Item], e: Exception) -> None:
+    def _down(self, batch: list[Item], stage: str) -> None:
+        """A stage's calls failed on every try: 503 with Retry-After."""
+        message = f"the {stage} stage failed {self.retries + 1} times (replicas lost); retry shortly"
         for req in {it.req for it in batch}:
-            self._fail(req, 503, str(e), "failed", "unavailable", retry_after=5)
+            self._fail(req, 503, message, "failed", "unavailable", retry_after=5)
 
     def _replica_failed(self, stage: str, e: Exception) -> None:
         self.last_failure = time.monotonic()
@@ -187,7 +184,7 @@ class RayEngine(Engine):
 
         stages, status = {}, "ready"
         try:
-            app = serve.status().applications[self.app_name or serve.get_replica_context().app_name]
+            app = serve.status().applications[serve.get_replica_context().app_name]
             for name, d in app.deployments.items():
                 running = d.replica_states.get("RUNNING", 0)
                 stages[name] = {"status": str(d.status.value if hasattr(d.status, "value") else d.status),

@@ -37,6 +37,10 @@ ARGS = {"model": None, "device": None, "dtype": None, "threads": 1, "step_cache"
         "max_body_mb": 25.0, "max_cost": None, "max_source_mpx": None, "body_timeout": 60.0, "url_ttl": 3600.0,
         "public_url": None, "cors_origins": [], "retries": 2, "ar_workers": 2, "dit_workers": None,
         "ingress": {}, "ar": {}, "dit": {}}
+# the args that `glimage serve` options set: arg -> the option's argparse dest
+FROM_CLI = {**{k: k for k in ("model", "device", "dtype", "threads", "step_cache", "ar_int8", "max_queue", "max_batch",
+                              "batch_wait_ms", "max_n", "timeout", "max_body_mb", "max_cost", "max_source_mpx",
+                              "body_timeout", "url_ttl", "public_url")}, "cors_origins": "cors_origin"}
 OPTIONS = ("num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests", "max_queued_requests",
            "health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s")
 
@@ -237,19 +241,13 @@ def main(args, keys: tuple[str, ...]) -> int:
     from . import connect
 
     a = config_args(args.ray_config) if args.ray_config else {}
-    given = {"model": args.model, "device": args.dit_device or args.device, "dtype": args.dtype,
-             "step_cache": args.step_cache, "ar_int8": args.ar_int8 or None, "api_keys": list(keys) or None,
-             "max_queue": args.max_queue, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
-             "max_n": args.max_n, "timeout": args.timeout, "max_body_mb": args.max_body_mb, "max_cost": args.max_cost,
-             "max_source_mpx": args.max_source_mpx, "body_timeout": args.body_timeout, "url_ttl": args.url_ttl,
-             "public_url": args.public_url, "cors_origins": args.cors_origin}
-    if args.threads != "auto":
-        given["threads"] = args.threads
-    dests = {"device": "device", "max_source_mpx": "max_source_mpx", "cors_origins": "cors_origin",
-             "api_keys": "api_key"}
-    defaults = getattr(args, "option_defaults", {})
-    a.update({k: v for k, v in given.items() if v is not None and not (
-        k not in ("api_keys",) and defaults.get(dests.get(k, k), object()) == v)})
+    # the file's args hold unless an option was given (differs from its default)
+    defaults = args.option_defaults
+    a.update({arg: getattr(args, dest) for arg, dest in FROM_CLI.items() if getattr(args, dest) != defaults[dest]})
+    if args.dit_device:
+        a["device"] = args.dit_device
+    if keys:
+        a["api_keys"] = list(keys)
     app = build(a)  # bad arguments fail here, before anything starts
     connect(args.ray)
     serve.start(http_options={"host": args.host, "port": args.port})
