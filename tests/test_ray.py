@@ -386,3 +386,36 @@ def test_engine_lost_ar_replica_fails_only_its_requests():
     engine.stop()
     assert ends[0]["event"] == "error" and ends[0]["status"] == 503 and ends[0]["retry_after"] == 5
     assert ends[1]["event"] == "done"
+
+
+def test_glimage_serve_ray_command(tmp_path):
+    """The command line: `glimage serve --ray --ray-config FILE` starts its own local cluster, takes the file's
+    stage options and the command's limits, answers, and exits 0 on SIGTERM."""
+    import httpx
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(json.dumps({"applications": [{"name": "glimage", "import_path": "glimage.cluster.serve:build",
+                                                    "args": {"max_n": 1, "dit": {"ray_actor_options": {"num_cpus": 0.5}},
+                                                             "ar": {"ray_actor_options": {"num_cpus": 0.5}}}}]}))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "glimage.cli", "serve", "--ray", "--ray-config", str(config),
+                             "--port", str(port), "--max-n", "2", "--api-key", KEY], start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "glimage serve --ray did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("status") == "ready":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        c = client(f"http://127.0.0.1:{port}")
+        assert len(c.images.generate(prompt="a red circle", n=2, extra_body={"num_inference_steps": STEPS}).data) == 2
+        with pytest.raises(openai.BadRequestError, match="n"):  # --max-n 2 over the file's max_n 1
+            c.images.generate(prompt="a red circle", n=3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+    assert proc.returncode == 0, out[-2000:]
